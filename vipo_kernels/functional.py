@@ -1,0 +1,266 @@
+"""Public API: ``sde_coefficients``, ``sde_step``, ``log_prob`` and ``vipo_loss``.
+
+Each call checks its arguments (messages name the argument), picks a backend and
+either runs the float64-capable reference (``backend="torch"``) or a kernel
+backend's primitives. The final means, the statistics and the ``dloss`` scaling
+live here, once, for every kernel backend (Liger's ``_reduce_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, reference
+from .buffers import new_buffer
+from .reference import STAT_NAMES
+from .validation import (as_per_sample, check_float_tensor, check_hyperparameters, check_latents,
+                         check_per_position, check_ratio_level, check_values)
+
+SDE_KINDS = ("dance", "flow")
+
+
+def sde_coefficients(sigma, sigma_next, *, kind="dance", eta=0.3, noise_level=0.7):
+    """Step coefficients of METHOD.md section 1: ``mu = coef_sample * z + coef_output * v``.
+
+    Args:
+        sigma, sigma_next: (B,) tensors or floats with 0 <= sigma_next < sigma <= 1.
+        kind: ``"dance"`` (DanceGRPO, noise scale ``eta``) or ``"flow"`` (Flow-GRPO,
+            noise level ``noise_level``).
+    Returns:
+        ``(coef_sample, coef_output, std)``, each (B,), float32 (float64 for float64 input).
+    """
+    if kind not in SDE_KINDS:
+        raise ValueError(f"kind must be one of {SDE_KINDS}, got {kind!r}")
+    noise = eta if kind == "dance" else noise_level
+    noise_name = "eta" if kind == "dance" else "noise_level"
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise > 0:
+        raise ValueError(f"{noise_name} must be a float > 0, got {noise!r}")
+    for name, value in (("sigma", sigma), ("sigma_next", sigma_next)):
+        if isinstance(value, torch.Tensor):
+            check_float_tensor(name, value)
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float64)
+    if not bool(((s > 0) & (s <= 1)).all()):
+        raise ValueError(f"sigma must lie in (0, 1], got {sigma}")
+    if not bool(((s_next >= 0) & (s_next < s)).all()):
+        raise ValueError(f"sigma_next must satisfy 0 <= sigma_next < sigma, got {sigma_next}")
+    if kind == "flow" and bool(((s == 1) & (s_next == 0)).any()):
+        raise ValueError("kind='flow' needs sigma_next > 0 where sigma = 1 (it divides by "
+                         "1 - sigma_next there)")
+    return reference.sde_coefficients_reference(sigma, sigma_next, kind=kind, eta=eta,
+                                                noise_level=noise_level)
+
+
+def _bcp(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) -> (B, C, P) view whose positions have stride 1 (copying if needed)."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    return x3 if x3.stride(2) == 1 or x3.shape[2] == 1 else x3.contiguous()
+
+
+def _bp(x: torch.Tensor) -> torch.Tensor:
+    """(B, *S) -> contiguous (B, P) float32."""
+    return x.detach().reshape(x.shape[0], -1).to(torch.float32).contiguous()
+
+
+def _step_coefficients(coef_sample, coef_output, std, batch, device):
+    cs = as_per_sample("coef_sample", coef_sample, batch, device)
+    co = as_per_sample("coef_output", coef_output, batch, device)
+    sd = as_per_sample("std", std, batch, device)
+    return cs, co, sd
+
+
+def sde_step(model_output, sample, noise, *, coef_sample, coef_output, std, backend="auto"):
+    """One SDE step ``z' = coef_sample * z + coef_output * v + std * noise`` with its log-prob.
+
+    Args:
+        model_output, sample, noise: (B, C, *S) with *S = (H, W) or (T, H, W).
+        coef_sample, coef_output, std: (B,) tensors or floats (see ``sde_coefficients``).
+    Returns:
+        ``(next_sample, logp)``: next_sample in ``sample.dtype``; logp (B, *S) float32, the
+        channel-summed log-density of next_sample *as stored*, so a recompute from the
+        stored tensor gives the same value. Neither carries a gradient.
+    """
+    batch, _, spatial = check_latents(model_output=model_output, sample=sample, noise=noise)
+    cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, sample.device)
+    check_values(sd)
+    impl = backends.resolve(backend, sample.device)
+    with torch.no_grad():
+        if impl is None:
+            next_sample, logp = reference.sde_step_reference(
+                model_output, sample, noise, coef_sample=cs, coef_output=co, std=sd)
+            return next_sample, logp.to(torch.float32)
+        next3, logp = impl.step(_bcp(model_output), _bcp(sample), _bcp(noise), cs, co, sd)
+    return next3.reshape(sample.shape), logp.reshape(batch, *spatial)
+
+
+def log_prob(model_output, sample, next_sample, *, coef_sample, coef_output, std,
+             ratio_level="position", backend="auto"):
+    """Log-density of ``next_sample`` under N(mu, std^2), METHOD.md section 2.
+
+    Returns (B, *S) float32 summed over channels for ``ratio_level="position"``, or (B,)
+    the mean over all C*|P| elements for ``"sample"``. Only ``backend="torch"`` is
+    differentiable; use ``vipo_loss`` for gradients.
+    """
+    batch, channels, spatial = check_latents(model_output=model_output, sample=sample,
+                                             next_sample=next_sample)
+    check_ratio_level(ratio_level)
+    cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, sample.device)
+    check_values(sd)
+    impl = backends.resolve(backend, sample.device)
+    if impl is None:
+        return reference.log_prob_reference(model_output, sample, next_sample, coef_sample=cs,
+                                            coef_output=co, std=sd,
+                                            ratio_level=ratio_level).to(torch.float32)
+    with torch.no_grad():
+        logp = impl.log_prob(_bcp(model_output), _bcp(sample), _bcp(next_sample), cs, co, sd)
+    if ratio_level == "sample":
+        return (logp.to(torch.float64).sum(dim=1) / (channels * logp.shape[1])).to(torch.float32)
+    return logp.reshape(batch, *spatial)
+
+
+def _grad_buffer(v: torch.Tensor, v3: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Where dL/dv goes: model_output's own memory if the caller opted in and it is
+    contiguous, else a new buffer (the one backward would allocate anyway)."""
+    if inplace and v.is_contiguous() and v3.data_ptr() == v.data_ptr():
+        torch.autograd.graph.increment_version(v)  # a saved copy of v now fails loudly
+        return v3
+    return new_buffer(v3.shape, v.dtype, v.device)
+
+
+def _position_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
+    batch, _, positions = z3.shape
+    partials = impl.loss_position(v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad,
+                                  clip_range=hp["clip_range"], kl_coef=hp["kl_coef"],
+                                  grad_scale=1.0 / (batch * positions))
+    sums = partials[..., :6].to(torch.float64).sum(dim=(0, 1))
+    count = batch * positions
+    return torch.stack([
+        sums[2] / count, sums[3] / count, 0.5 * sums[4] / count, sums[5] / count,
+        partials[..., 6].amin().to(torch.float64), partials[..., 7].amax().to(torch.float64),
+        sums[0] / count, hp["kl_coef"] * sums[1] / count])
+
+
+def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
+    batch, channels, positions = z3.shape
+    eps = hp["clip_range"]
+    logp = impl.log_prob(v3, z3, x3, cs, co, sd).to(torch.float64)
+    log_ratio = logp.sum(dim=1) / (channels * positions) - old.to(torch.float64)  # (B,)
+    ratio = torch.exp(log_ratio)
+    adv64 = adv.to(torch.float64)
+    map_mean = amap.to(torch.float64).mean(dim=1) if amap is not None else torch.ones_like(ratio)
+    unclipped = -adv64 * ratio
+    clipped = -adv64 * ratio.clamp(1.0 - eps, 1.0 + eps)
+    # mean_p max(-A M rho, -A M clip rho) = mean_p(M) max(...) because M >= 0 (METHOD.md 3).
+    loss_clip = (map_mean * torch.maximum(unclipped, clipped)).mean()
+    active = (unclipped > clipped) | ((ratio >= 1.0 - eps) & (ratio <= 1.0 + eps))
+    # dL/dl(c,p) = dL/dmean_l / (C|P|), the same for every element of sample b.
+    dlogp = torch.where(active, unclipped * map_mean, 0.0) / (batch * channels * positions)
+    kl = torch.zeros((), dtype=torch.float64, device=z3.device)
+    if grad is not None or ref3 is not None:
+        kl_partials = impl.grad_sample(v3, z3, x3, dlogp.to(torch.float32), cs, co, sd, ref3,
+                                       grad, kl_coef=hp["kl_coef"],
+                                       grad_scale=1.0 / (batch * positions))
+        kl = hp["kl_coef"] * kl_partials.to(torch.float64).sum() / (batch * positions)
+    return torch.stack([
+        (ratio < 1.0 - eps).to(torch.float64).mean(), (ratio > 1.0 + eps).to(torch.float64).mean(),
+        0.5 * (log_ratio**2).mean(), ratio.mean(), ratio.min(), ratio.max(), loss_clip, kl])
+
+
+class ViPOLossFunction(torch.autograd.Function):
+    """Fused loss: the kernel writes dL/dv during the forward pass; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, model_output, sample, next_sample, old, adv, amap, cs, co, sd, ref, impl,
+                hp):
+        v3, z3, x3 = _bcp(model_output), _bcp(sample), _bcp(next_sample)
+        ref3 = _bcp(ref) if ref is not None else None
+        grad = _grad_buffer(model_output, v3, hp["inplace_backward"]) \
+            if ctx.needs_input_grad[0] else None
+        run = _position_forward if hp["ratio_level"] == "position" else _sample_forward
+        stats = run(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp)
+        ctx.grad = grad
+        ctx.output_shape = model_output.shape
+        stats32 = stats.to(torch.float32)
+        ctx.mark_non_differentiable(stats32)
+        return (stats[6] + stats[7]).to(torch.float32), stats32
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.grad is None:
+            return (None,) * 12
+        grad = ctx.grad
+        # Skipping the multiply when dloss = 1 saves a pass over the latent (Liger does the same).
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad.reshape(ctx.output_shape),) + (None,) * 11
+
+
+def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map=None,
+              *, coef_sample, coef_output, std, clip_range=1e-4, adv_clip=5.0,
+              ratio_level="position", kl_coef=0.0, ref_model_output=None, backend="auto",
+              inplace_backward=False):
+    """ViPO / GRPO PPO-clipped loss with a per-position likelihood ratio (METHOD.md 1-4).
+
+    Args:
+        model_output: (B, C, *S) predicted velocity v; the only input that gets a gradient.
+        sample, next_sample: (B, C, *S) latents z_k and z_{k+1} of the rollout.
+        old_log_prob: (B, *S) for ``ratio_level="position"``, (B,) for ``"sample"``, as
+            returned by ``sde_step`` / ``log_prob`` at rollout time.
+        advantages: (B,) group advantages, clipped here to [-adv_clip, adv_clip].
+        allocation_map: (B, *S) in [0, 1], or None for plain GRPO (M = 1).
+        coef_sample, coef_output, std: (B,) tensors or floats from ``sde_coefficients``.
+        clip_range: PPO epsilon (default 1e-4). adv_clip: advantage bound (default 5).
+        kl_coef: weight of the exact Gaussian KL to ``ref_model_output`` (needed if > 0).
+        backend: ``"auto"``, ``"torch"`` (reference), ``"triton"``, ``"cpp"`` or ``"cuda"``.
+        inplace_backward: kernel backends only. Write dL/dv into ``model_output``'s memory
+            instead of a new buffer; ``model_output`` is destroyed, and autograd raises if
+            anything saved it for backward.
+    Returns:
+        ``(loss, stats)``: loss a float32 scalar; stats a dict of detached float32 scalars:
+        clip_frac_low, clip_frac_high, approx_kl, ratio_mean, ratio_min, ratio_max,
+        loss_clip, loss_kl.
+    """
+    batch, _, spatial = check_latents(model_output=model_output, sample=sample,
+                                      next_sample=next_sample)
+    device = sample.device
+    check_ratio_level(ratio_level)
+    check_hyperparameters(clip_range, adv_clip, kl_coef)
+    if ratio_level == "position":
+        check_per_position("old_log_prob", old_log_prob, batch, spatial, device)
+    else:
+        as_per_sample("old_log_prob", old_log_prob, batch, device)
+        if tuple(old_log_prob.shape) != (batch,):
+            raise ValueError(f"old_log_prob must have shape ({batch},) for ratio_level='sample', "
+                             f"got {tuple(old_log_prob.shape)}")
+    check_float_tensor("advantages", advantages)
+    if tuple(advantages.shape) != (batch,) or advantages.device != device:
+        raise ValueError(f"advantages must have shape ({batch},) on {device}, got "
+                         f"{tuple(advantages.shape)} on {advantages.device}")
+    if allocation_map is not None:
+        check_per_position("allocation_map", allocation_map, batch, spatial, device)
+    if kl_coef > 0:
+        if ref_model_output is None:
+            raise ValueError("ref_model_output is required when kl_coef > 0")
+        check_latents(model_output=model_output, ref_model_output=ref_model_output)
+    ref = ref_model_output if kl_coef > 0 else None
+    cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, device)
+    check_values(sd, advantages, allocation_map, old_log_prob)
+
+    impl = backends.resolve(backend, device)
+    if impl is None:
+        loss, stats = reference.vipo_loss_reference(
+            model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
+            coef_sample=cs, coef_output=co, std=sd, clip_range=clip_range, adv_clip=adv_clip,
+            ratio_level=ratio_level, kl_coef=kl_coef, ref_model_output=ref)
+        return loss.to(torch.float32), {k: s.to(torch.float32) for k, s in stats.items()}
+
+    old = _bp(old_log_prob) if ratio_level == "position" else old_log_prob.detach().float()
+    adv = advantages.detach().to(torch.float32).clamp(-adv_clip, adv_clip).contiguous()
+    amap = _bp(allocation_map) if allocation_map is not None else None
+    hp = {"clip_range": float(clip_range), "kl_coef": float(kl_coef), "ratio_level": ratio_level,
+          "inplace_backward": bool(inplace_backward)}
+    loss, stats = ViPOLossFunction.apply(model_output, sample.detach(), next_sample.detach(), old,
+                                         adv, amap, cs, co, sd,
+                                         ref.detach() if ref is not None else None, impl, hp)
+    return loss, dict(zip(STAT_NAMES, stats.unbind()))
+
