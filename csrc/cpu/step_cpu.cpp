@@ -1,0 +1,61 @@
+// CPU SDE step and log-prob (METHOD.md sections 1-2); see vipo_cpu.h for the layout.
+#include <algorithm>
+
+#include "common.h"
+
+namespace vipo {
+
+using cpu_detail::kHalfLog2Pi;
+
+void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
+                       int64_t next_stride_c, float* logp_out, Latent v, Latent z, Latent x,
+                       StepCoefficients coef, Sizes s, bool sample_noise, int num_threads) {
+  const int64_t n_blocks = cpu_detail::num_blocks(s);
+  const int64_t n_tasks = s.B * n_blocks;
+#pragma omp parallel num_threads(num_threads)
+  {
+    // Rows: v, z, x conversions, the mean, the next value, the per-position square sum.
+    cpu_detail::Scratch scratch(6, s.block_p);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t b = task / n_blocks;
+      const int64_t p0 = (task % n_blocks) * s.block_p;
+      const int64_t n = std::min(s.block_p, s.P - p0);
+      const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
+      float* __restrict__ mean = scratch[3];
+      float* __restrict__ nxt = scratch[4];
+      float* __restrict__ sq = scratch[5];
+      std::fill(sq, sq + n, 0.0f);
+      for (int64_t c = 0; c < s.C; ++c) {
+        const float* __restrict__ vr = load_row(cpu_detail::at(v, b, c, p0), v.dtype, n, scratch[0]);
+        const float* __restrict__ zr = load_row(cpu_detail::at(z, b, c, p0), z.dtype, n, scratch[1]);
+        const float* __restrict__ xr = load_row(cpu_detail::at(x, b, c, p0), x.dtype, n, scratch[2]);
+        // Same operation order as the reference: mean first, then + std * noise.
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) mean[j] = cs * zr[j] + co * vr[j];
+        const float* __restrict__ target = xr;
+        if (sample_noise) {
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) nxt[j] = mean[j] + sd * xr[j];
+          store_row(cpu_detail::at_out(next_out, next_dtype, b * next_stride_b + c * next_stride_c + p0),
+                    next_dtype, nxt, n);
+          // The log-prob is of the stored (rounded) value, so a recompute from it matches.
+          round_row(next_dtype, nxt, n);
+          target = nxt;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float d = target[j] - mean[j];
+          sq[j] += d * d;
+        }
+      }
+      const float norm = static_cast<float>(s.C) * (std::log(sd) + kHalfLog2Pi);
+      const float two_var = 2.0f * sd * sd;
+      float* __restrict__ out = logp_out + b * s.P + p0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = -sq[j] / two_var - norm;
+    }
+  }
+}
+
+}  // namespace vipo
