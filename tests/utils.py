@@ -19,7 +19,7 @@ TOLERANCES = {
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, in float64; NaN anywhere gives inf."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.isfinite(actual).all():
         return float("inf")
     scale = expected.abs().max().clamp_min(1e-30)
@@ -27,7 +27,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.isfinite(actual).all():
         return float("inf")
     return (actual - expected).abs().max().item()
