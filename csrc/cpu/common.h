@@ -10,7 +10,16 @@
 namespace vipo {
 namespace cpu_detail {
 
-constexpr float kHalfLog2Pi = 0.91893853320467274178f;  // log(2 pi) / 2
+constexpr double kHalfLog2Pi = 0.91893853320467274178;  // log(2 pi) / 2
+
+// C (log std + log(2 pi) / 2): the constant part of a position's log-density, in double.
+// In fp32 its rounding (about C ulp of 0.5) is the same at every position of a sample and
+// shifts every log-ratio alike; with C = 37 that bias alone tripled the error of approx_kl
+// against the float64 reference. So per-position sums are kept in double, and the
+// log-density is formed in double and rounded once (per position: a C-th of the work).
+inline double log_density_constant(int64_t C, float sd) {
+  return static_cast<double>(C) * (std::log(static_cast<double>(sd)) + kHalfLog2Pi);
+}
 
 inline int64_t num_blocks(const Sizes& s) { return (s.P + s.block_p - 1) / s.block_p; }
 
@@ -29,9 +38,12 @@ inline void* at_out(void* ptr, DType dtype, int64_t offset) {
 // O(threads * C * block_p), never the size of the latent.
 struct Scratch {
   std::vector<float> storage;
+  std::vector<double> sums;  // two double rows: per-position channel sums
   int64_t row;
-  Scratch(int64_t rows, int64_t block_p) : storage(rows * block_p), row(block_p) {}
+  Scratch(int64_t rows, int64_t block_p)
+      : storage(rows * block_p), sums(2 * block_p), row(block_p) {}
   float* operator[](int64_t i) { return storage.data() + i * row; }
+  double* sum_row(int64_t i) { return sums.data() + i * row; }
 };
 
 }  // namespace cpu_detail

@@ -8,8 +8,6 @@
 
 namespace vipo {
 
-using cpu_detail::kHalfLog2Pi;
-
 void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, Latent v, Latent z,
                        Latent x, Latent ref, const float* old, const float* amap,
                        const float* adv, StepCoefficients coef, Sizes s, double clip_range,
@@ -21,8 +19,8 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
   const float hi = static_cast<float>(1.0 + clip_range);
   const int64_t n_blocks = cpu_detail::num_blocks(s);
   const int64_t n_tasks = s.B * n_blocks;
-  // Rows 0-3: v, z, x, ref conversions; 4: sum_c diff^2; 5: sum_c dmean^2; 6: dL/dl(p);
-  // 7: the gradient row being stored. Then, when the gradient is written, the block's
+  // Rows 0-3: v, z, x, ref conversions; 6: dL/dl(p); 7: the gradient row being stored;
+  // sum_row(0), sum_row(1): sum_c diff^2 and sum_c dmean^2 in double (see common.h). Then, when the gradient is written, the block's
   // diff = x - mu for every channel and, with a reference, dmean = mu - mu_ref, so the
   // second sweep over channels reads them from cache instead of converting inputs again.
   const int64_t diff_row = 8;
@@ -31,7 +29,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
 #pragma omp parallel num_threads(num_threads)
   {
     cpu_detail::Scratch scratch(n_rows, s.block_p);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t b = task / n_blocks;
       const int64_t block = task % n_blocks;
@@ -39,10 +37,10 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
       const int64_t n = std::min(s.block_p, s.P - p0);
       const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
       const float inv_var = 1.0f / (sd * sd);
-      float* __restrict__ sq = scratch[4];
-      float* __restrict__ kl = scratch[5];
-      std::fill(sq, sq + n, 0.0f);
-      std::fill(kl, kl + n, 0.0f);
+      double* __restrict__ sq = scratch.sum_row(0);
+      double* __restrict__ kl = scratch.sum_row(1);
+      std::fill(sq, sq + n, 0.0);
+      std::fill(kl, kl + n, 0.0);
 
       for (int64_t c = 0; c < s.C; ++c) {
         const float* __restrict__ vr = load_row(cpu_detail::at(v, b, c, p0), v.dtype, n, scratch[0]);
@@ -52,7 +50,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
           diff[j] = xr[j] - (cs * zr[j] + co * vr[j]);
-          sq[j] += diff[j] * diff[j];
+          sq[j] += static_cast<double>(diff[j]) * diff[j];
         }
         if (has_ref) {
           const float* __restrict__ rr =
@@ -61,14 +59,15 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
             dmean[j] = co * (vr[j] - rr[j]);  // mu - mu_ref: the sample term cancels
-            kl[j] += dmean[j] * dmean[j];
+            kl[j] += static_cast<double>(dmean[j]) * dmean[j];
           }
         }
       }
 
       // Per position (a C-th of the elements, so scalar code is fine here).
       // Log-ratio as in METHOD.md 2-3: old holds the full log-density, constants included.
-      const float norm = static_cast<float>(s.C) * (std::log(sd) + kHalfLog2Pi);
+      const double norm = cpu_detail::log_density_constant(s.C, sd);
+      const double half_inv_var = 0.5 / (static_cast<double>(sd) * sd);
       const float a = adv[b];
       const float* old_b = old + b * s.P + p0;
       const float* map_b = amap != nullptr ? amap + b * s.P + p0 : nullptr;
@@ -78,7 +77,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
       float ratio_min = std::numeric_limits<float>::infinity();
       float ratio_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        const float log_ratio = -0.5f * inv_var * sq[j] - norm - old_b[j];
+        const float log_ratio = static_cast<float>(-half_inv_var * sq[j] - norm - old_b[j]);
         const float ratio = std::exp(log_ratio);
         const float dense_adv = map_b != nullptr ? a * map_b[j] : a;
         // PPO clip: the unclipped branch carries the gradient where it is the max, and
@@ -91,7 +90,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
         // dL/dl(p) = -A^p rho / (B|P|) on the active branch, 0 where the clip binds.
         dlogp[j] = active ? unclipped_term * grad_scale : 0.0f;
         term_sum += std::max(unclipped_term, clipped_term);
-        kl_sum += 0.5f * inv_var * kl[j];
+        kl_sum += half_inv_var * kl[j];
         n_low += ratio < lo ? 1.0 : 0.0;
         n_high += ratio > hi ? 1.0 : 0.0;
         lr2_sum += static_cast<double>(log_ratio) * log_ratio;
@@ -143,9 +142,9 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
   const int64_t n_tasks = s.B * n_blocks;
 #pragma omp parallel num_threads(num_threads)
   {
-    // Rows 0-3: v, z, x, ref conversions; 4: sum_c dmean^2; 5: the gradient row.
+    // Rows 0-3: v, z, x, ref conversions; 5: the gradient row; sum_row(0): sum_c dmean^2.
     cpu_detail::Scratch scratch(6, s.block_p);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t b = task / n_blocks;
       const int64_t block = task % n_blocks;
@@ -156,9 +155,9 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
       // dL/dl(c, p) is one number per sample at this level (it passes through the mean).
       const float g_logp = dlogp[b] * co * inv_var;
       const float g_kl = kl_coef * grad_scale * co * inv_var;
-      float* __restrict__ kl = scratch[4];
+      double* __restrict__ kl = scratch.sum_row(0);
       float* __restrict__ g = scratch[5];
-      std::fill(kl, kl + n, 0.0f);
+      std::fill(kl, kl + n, 0.0);
       for (int64_t c = 0; c < s.C; ++c) {
         const float* __restrict__ vr = load_row(cpu_detail::at(v, b, c, p0), v.dtype, n, scratch[0]);
         const float* __restrict__ rr =
@@ -167,7 +166,7 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
 #pragma omp simd
           for (int64_t j = 0; j < n; ++j) {
             const float dmean = co * (vr[j] - rr[j]);
-            kl[j] += dmean * dmean;
+            kl[j] += static_cast<double>(dmean) * dmean;
           }
         }
         if (!write_grad) continue;
@@ -187,7 +186,7 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
       }
       double kl_sum = 0.0;
       for (int64_t j = 0; j < n; ++j) kl_sum += kl[j];
-      kl_out[b * n_blocks + block] = static_cast<float>(0.5 * inv_var * kl_sum);
+      kl_out[b * n_blocks + block] = static_cast<float>(0.5 / (static_cast<double>(sd) * sd) * kl_sum);
     }
   }
 }

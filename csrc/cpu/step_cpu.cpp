@@ -5,8 +5,6 @@
 
 namespace vipo {
 
-using cpu_detail::kHalfLog2Pi;
-
 void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
                        int64_t next_stride_c, float* logp_out, Latent v, Latent z, Latent x,
                        StepCoefficients coef, Sizes s, bool sample_noise, int num_threads) {
@@ -14,9 +12,9 @@ void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
   const int64_t n_tasks = s.B * n_blocks;
 #pragma omp parallel num_threads(num_threads)
   {
-    // Rows: v, z, x conversions, the mean, the next value, the per-position square sum.
-    cpu_detail::Scratch scratch(6, s.block_p);
-#pragma omp for schedule(static)
+    // Rows: v, z, x conversions, the mean, the next value; sum_row(0): sum_c diff^2.
+    cpu_detail::Scratch scratch(5, s.block_p);
+#pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t b = task / n_blocks;
       const int64_t p0 = (task % n_blocks) * s.block_p;
@@ -24,8 +22,8 @@ void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
       const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
       float* __restrict__ mean = scratch[3];
       float* __restrict__ nxt = scratch[4];
-      float* __restrict__ sq = scratch[5];
-      std::fill(sq, sq + n, 0.0f);
+      double* __restrict__ sq = scratch.sum_row(0);
+      std::fill(sq, sq + n, 0.0);
       for (int64_t c = 0; c < s.C; ++c) {
         const float* __restrict__ vr = load_row(cpu_detail::at(v, b, c, p0), v.dtype, n, scratch[0]);
         const float* __restrict__ zr = load_row(cpu_detail::at(z, b, c, p0), z.dtype, n, scratch[1]);
@@ -46,14 +44,14 @@ void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
           const float d = target[j] - mean[j];
-          sq[j] += d * d;
+          sq[j] += static_cast<double>(d) * d;
         }
       }
-      const float norm = static_cast<float>(s.C) * (std::log(sd) + kHalfLog2Pi);
-      const float two_var = 2.0f * sd * sd;
+      const double norm = cpu_detail::log_density_constant(s.C, sd);
+      const double two_var = 2.0 * sd * sd;
       float* __restrict__ out = logp_out + b * s.P + p0;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] = -sq[j] / two_var - norm;
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(-sq[j] / two_var - norm);
     }
   }
 }
