@@ -13,10 +13,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace vipo {
+#include "../dtype.h"
 
-// Element type of a latent tensor; the numbering is the binding's business, not torch's.
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace vipo {
 
 inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }

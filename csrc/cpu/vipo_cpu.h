@@ -35,8 +35,6 @@ struct Sizes {
   int64_t block_p;  // positions per task; partial-sum outputs have ceil(P / block_p) blocks
 };
 
-constexpr int kNumStats = 8;  // columns of loss_position's partials, see below
-
 // sample_noise: next = round(cs z + co v + std x) into next_out (B, C, P) of next_out.dtype,
 //   then logp of the rounded value. Otherwise x is the next sample and next_out is unused.
 // logp_out: (B, P) fp32 contiguous, channel-summed Gaussian log-density.
