@@ -13,10 +13,12 @@ N_STATS = _compiled.N_STATS
 
 
 def block_positions(C: int, P: int) -> int:
-    """Positions per task: about 4k elements (C * block_p), so the block's per-channel
-    diff rows (kept for the gradient sweep) stay in L1/L2; a multiple of 16 for the
-    vector loops; at most P, so small inputs are one task per sample."""
-    block_p = min(1024, max(16, (4096 // max(C, 1)) // 16 * 16))
+    """Positions per task: about 16k elements (C * block_p), so the block's per-channel
+    diff rows (kept for the gradient sweep, 64 KB) stay in L2, while each channel row is
+    long enough (4 KB at C = 16) for the prefetcher to stream it; a multiple of 16 for the
+    vector loops; at most P, so small inputs are one task per sample. Measured on the
+    development machine at the Wan size: 1024 positions ran 1.5x faster than 256."""
+    block_p = min(2048, max(16, (16384 // max(C, 1)) // 16 * 16))
     return max(1, min(block_p, P))
 
 

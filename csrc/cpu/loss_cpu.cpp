@@ -8,6 +8,54 @@
 
 namespace vipo {
 
+namespace {
+
+// The PPO clip of n positions (METHOD.md 4): dL/dl(p) into dlogp, and the block's row of
+// partials, [surrogate sum, KL sum, #ratio < lo, #ratio > hi, sum log(ratio)^2, sum ratio,
+// min, max]. A function of its own so that every value is a local the vectoriser can keep
+// in registers (shared variables of the OpenMP region are read through a pointer).
+void clip_and_reduce(const float* __restrict__ ratio, const float* __restrict__ log_ratio,
+                     const float* __restrict__ dense, const double* __restrict__ kl,
+                     double half_inv_var, float lo, float hi, float grad_scale, int64_t n,
+                     float* __restrict__ dlogp, float* __restrict__ out) {
+  // fp32 sums over at most a block of positions (exact counts up to 2^24), as Triton's.
+  float term_sum = 0.0f, kl_sum = 0.0f, n_low = 0.0f, n_high = 0.0f, lr2_sum = 0.0f,
+        ratio_sum = 0.0f;
+  float ratio_min = std::numeric_limits<float>::infinity();
+  float ratio_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(+ : term_sum, kl_sum, n_low, n_high, lr2_sum, ratio_sum) \
+    reduction(min : ratio_min) reduction(max : ratio_max)
+  for (int64_t j = 0; j < n; ++j) {
+    const float rho = ratio[j];
+    // The unclipped branch carries the gradient where it is the max, and inside the clip
+    // range where both branches coincide (& and |, not && and ||: no branches).
+    const float clipped = std::min(std::max(rho, lo), hi);
+    const float unclipped_term = -dense[j] * rho;
+    const float clipped_term = -dense[j] * clipped;
+    const bool inside = (rho >= lo) & (rho <= hi);
+    const bool active = (unclipped_term > clipped_term) | inside;
+    dlogp[j] = active ? unclipped_term * grad_scale : 0.0f;  // -A^p rho / (B|P|), or 0
+    term_sum += std::max(unclipped_term, clipped_term);
+    kl_sum += static_cast<float>(half_inv_var * kl[j]);
+    n_low += rho < lo ? 1.0f : 0.0f;
+    n_high += rho > hi ? 1.0f : 0.0f;
+    lr2_sum += log_ratio[j] * log_ratio[j];
+    ratio_sum += rho;
+    ratio_min = std::min(ratio_min, rho);
+    ratio_max = std::max(ratio_max, rho);
+  }
+  out[0] = term_sum;
+  out[1] = kl_sum;
+  out[2] = n_low;
+  out[3] = n_high;
+  out[4] = lr2_sum;
+  out[5] = ratio_sum;
+  out[6] = ratio_min;
+  out[7] = ratio_max;
+}
+
+}  // namespace
+
 void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, Latent v, Latent z,
                        Latent x, Latent ref, const float* old, const float* amap,
                        const float* adv, StepCoefficients coef, Sizes s, double clip_range,
@@ -19,11 +67,12 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
   const float hi = static_cast<float>(1.0 + clip_range);
   const int64_t n_blocks = cpu_detail::num_blocks(s);
   const int64_t n_tasks = s.B * n_blocks;
-  // Rows 0-3: v, z, x, ref conversions; 6: dL/dl(p); 7: the gradient row being stored;
-  // sum_row(0), sum_row(1): sum_c diff^2 and sum_c dmean^2 in double (see common.h). Then, when the gradient is written, the block's
+  // Rows 0-3: v, z, x, ref conversions; 4: A^p; 6: dL/dl(p); 7: the gradient row stored;
+  // 8, 9: log-ratio and ratio; sum_row(0), sum_row(1): sum_c diff^2 and sum_c dmean^2 in
+  // double (see common.h). Then, when the gradient is written, the block's
   // diff = x - mu for every channel and, with a reference, dmean = mu - mu_ref, so the
   // second sweep over channels reads them from cache instead of converting inputs again.
-  const int64_t diff_row = 8;
+  const int64_t diff_row = 10;
   const int64_t dmean_row = diff_row + (write_grad ? s.C : 1);
   const int64_t n_rows = dmean_row + (write_grad ? s.C : 1);
 #pragma omp parallel num_threads(num_threads)
@@ -64,49 +113,30 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
         }
       }
 
-      // Per position (a C-th of the elements, so scalar code is fine here).
-      // Log-ratio as in METHOD.md 2-3: old holds the full log-density, constants included.
+      // Per position, in vectorised passes: the log-ratio (METHOD.md 2-3: old holds the full
+      // log-density, constants included), the ratio, A^p, then the clip and statistics.
       const double norm = cpu_detail::log_density_constant(s.C, sd);
       const double half_inv_var = 0.5 / (static_cast<double>(sd) * sd);
       const float a = adv[b];
-      const float* old_b = old + b * s.P + p0;
-      const float* map_b = amap != nullptr ? amap + b * s.P + p0 : nullptr;
+      const float* __restrict__ old_b = old + b * s.P + p0;
+      const float* __restrict__ map_b = amap != nullptr ? amap + b * s.P + p0 : nullptr;
+      float* __restrict__ log_ratio = scratch[8];
+      float* __restrict__ ratio = scratch[9];
       float* __restrict__ dlogp = scratch[6];
-      double term_sum = 0.0, kl_sum = 0.0, n_low = 0.0, n_high = 0.0, lr2_sum = 0.0,
-             ratio_sum = 0.0;
-      float ratio_min = std::numeric_limits<float>::infinity();
-      float ratio_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        const float log_ratio = static_cast<float>(-half_inv_var * sq[j] - norm - old_b[j]);
-        const float ratio = std::exp(log_ratio);
-        const float dense_adv = map_b != nullptr ? a * map_b[j] : a;
-        // PPO clip: the unclipped branch carries the gradient where it is the max, and
-        // inside the clip range where both branches coincide.
-        const float clipped = std::min(std::max(ratio, lo), hi);
-        const float unclipped_term = -dense_adv * ratio;
-        const float clipped_term = -dense_adv * clipped;
-        const bool inside = ratio >= lo && ratio <= hi;
-        const bool active = unclipped_term > clipped_term || inside;
-        // dL/dl(p) = -A^p rho / (B|P|) on the active branch, 0 where the clip binds.
-        dlogp[j] = active ? unclipped_term * grad_scale : 0.0f;
-        term_sum += std::max(unclipped_term, clipped_term);
-        kl_sum += half_inv_var * kl[j];
-        n_low += ratio < lo ? 1.0 : 0.0;
-        n_high += ratio > hi ? 1.0 : 0.0;
-        lr2_sum += static_cast<double>(log_ratio) * log_ratio;
-        ratio_sum += ratio;
-        ratio_min = std::min(ratio_min, ratio);
-        ratio_max = std::max(ratio_max, ratio);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        log_ratio[j] = static_cast<float>(-half_inv_var * sq[j] - norm - old_b[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ratio[j] = cpu_detail::exp_vec(log_ratio[j]);
+      float* __restrict__ dense = scratch[4];  // A^p = A M(p)
+      if (map_b != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) dense[j] = a * map_b[j];
+      } else {
+        std::fill(dense, dense + n, a);
       }
-      float* out = partials_out + (b * n_blocks + block) * kNumStats;
-      out[0] = static_cast<float>(term_sum);
-      out[1] = static_cast<float>(kl_sum);
-      out[2] = static_cast<float>(n_low);
-      out[3] = static_cast<float>(n_high);
-      out[4] = static_cast<float>(lr2_sum);
-      out[5] = static_cast<float>(ratio_sum);
-      out[6] = ratio_min;
-      out[7] = ratio_max;
+      clip_and_reduce(ratio, log_ratio, dense, kl, half_inv_var, lo, hi, grad_scale, n, dlogp,
+                      partials_out + (b * n_blocks + block) * kNumStats);
 
       if (write_grad) {
         // dl(p)/dv_c = co (x - mu) / std^2; the KL term adds kl_coef co (mu - mu_ref) / std^2,
@@ -114,8 +144,11 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
         // writing over v (in-place backward) is safe.
         const float g_logp = co * inv_var;
         const float g_kl = kl_coef * grad_scale * co * inv_var;
-        float* __restrict__ g = scratch[7];
         for (int64_t c = 0; c < s.C; ++c) {
+          void* dst = cpu_detail::at_out(grad_out, grad_dtype, (b * s.C + c) * s.P + p0);
+          // fp32 gradients are computed straight into place; 16-bit ones via a row.
+          float* __restrict__ g =
+              grad_dtype == DType::kFloat32 ? static_cast<float*>(dst) : scratch[7];
           const float* __restrict__ diff = scratch[diff_row + c];
           if (has_ref) {
             const float* __restrict__ dmean = scratch[dmean_row + c];
@@ -125,8 +158,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) g[j] = g_logp * diff[j] * dlogp[j];
           }
-          store_row(cpu_detail::at_out(grad_out, grad_dtype, (b * s.C + c) * s.P + p0),
-                    grad_dtype, g, n);
+          if (grad_dtype != DType::kFloat32) store_row(dst, grad_dtype, g, n);
         }
       }
     }
