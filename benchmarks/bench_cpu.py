@@ -123,6 +123,35 @@ def test_loss_fwd_bwd(benchmark, preset, impl):
     _record(benchmark, impl, shape, _loss_bytes(shape))
 
 
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_loss_kernel_only(benchmark, preset):
+    """The C++ primitive alone (loss partials and dL/dv in one pass), without the public
+    API's argument checks, autograd wrapper and final reduction: where the time of the
+    ``cpp`` row above goes."""
+    from vipo_kernels import cpp_backend
+
+    shape = SHAPES[preset]
+    (v, z, x, old, adv, amap), kwargs, _ = _inputs(shape)
+    B, C = shape[:2]
+    v3, z3, x3 = (t.reshape(B, C, -1) for t in (v, z, x))
+    old2, map2 = old.reshape(B, -1), amap.reshape(B, -1)
+    cs, co, std = kwargs["coef_sample"], kwargs["coef_output"], kwargs["std"]
+
+    def kernel():
+        grad = torch.empty_like(v3)
+        partials = cpp_backend.loss_position(v3, z3, x3, old2, adv.clamp(-5, 5), map2, cs, co,
+                                             std, None, grad, clip_range=kwargs["clip_range"],
+                                             kl_coef=0.0, grad_scale=1.0 / v3[:, 0].numel())
+        return partials, grad
+
+    partials, _ = kernel()
+    x_ref = v.detach().requires_grad_(True)
+    ref = _reference_loss(x_ref, z, x, old, adv, amap, **kwargs)
+    assert _rel(partials[..., 0].double().sum() / v3[:, 0].numel(), ref.detach()) < 1e-5
+    benchmark.pedantic(kernel, rounds=30, iterations=1, warmup_rounds=3)
+    _record(benchmark, "cpp-kernel", shape, _loss_bytes(shape))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("preset", list(SHAPES))
 def test_step(benchmark, preset, impl):
@@ -143,15 +172,15 @@ def summarize(path):
     runs = json.load(open(path))["benchmarks"]
     rows = {}
     for run in runs:
-        op = run["name"].split("[")[0].removeprefix("test_")
+        op = run["name"].split("[")[0].removeprefix("test_").replace("loss_kernel_only", "loss_fwd_bwd")
         preset = run["params"]["preset"]
-        rows.setdefault((op, preset), {})[run["params"]["impl"]] = run
+        rows.setdefault((op, preset), {})[run["extra_info"]["impl"]] = run
     print("| op | shape | impl | median ms | min ms | GB/s | eager / impl | compile / impl |")
     print("|---|---|---|---|---|---|---|---|")
     for (op, preset), impls in rows.items():
         eager = impls["torch-eager"]["stats"]["median"]
         compiled = impls["torch-compile"]["stats"]["median"]
-        for impl in IMPLS:
+        for impl in [i for i in ("cpp-kernel", *IMPLS) if i in impls]:
             stats = impls[impl]["stats"]
             print(f"| {op} | {preset} {tuple(SHAPES[preset])} | {impl} | "
                   f"{stats['median'] * 1e3:.2f} | {stats['min'] * 1e3:.2f} | "
