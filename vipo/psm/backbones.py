@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +72,19 @@ def _load_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        raise BackboneLoadError(
-            f"could not load backbone config {name_or_path!r} ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Without network access "
-            f"(HF_HUB_OFFLINE=1) a hub id only works if it is already in the local cache: "
-            f"download it on a machine with network access (e.g. `hf download "
-            f"{name_or_path} --local-dir DIR`) and pass the local path DIR instead.") from error
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if os.path.isdir(name_or_path):
+            hint = "the folder has no loadable config.json; pass the local path of a folder "
+            hint += "written by save_pretrained (or downloaded from the hub)"
+        elif os.path.isabs(name_or_path) or name_or_path.startswith("."):
+            hint = "no such folder; pass the local path of a saved checkpoint"
+        else:
+            hint = ("it is not in the local cache and the hub cannot be reached (offline, "
+                    "HF_HUB_OFFLINE=1). Download it on a machine with network access, e.g. "
+                    f"`hf download {name_or_path} --local-dir DIR`, and pass the local path "
+                    "DIR instead")
+        raise BackboneLoadError(f"could not load backbone {name_or_path!r}: {hint} "
+                                f"({reason})") from error
 
 
 def _processor_stats(name_or_path: str, family: Family) -> tuple[tuple, tuple]:

@@ -22,9 +22,12 @@ CONSTANT_SPAN = 1e-8  # METHOD.md 6: max - min <= 1e-8 counts as a constant map
 # recomputed with the exact eigh, so the cap trades speed only, never accuracy.
 _EXTRA_VECTORS = 13     # block = K + 13, as scikit-learn's randomized SVD oversamples by 10
 _RESIDUAL_TOL = 2e-6
-_MAX_ITERS = 64
+_MAX_ITERS = 32
 _CHECK_EVERY = 4
 _EIGH_MAX_SIZE = 128    # auto: below this Gram size the exact eigh is already cheap
+# A border mean below this fraction of max|y_j| is round-off (fp32 scores are good to ~1e-6
+# relative), so the border cannot decide the sign; see orient().
+_SIGN_TIE = 1e-4
 
 
 # ----------------------------------------------------------------------------- validation
@@ -169,9 +172,18 @@ def border_mask(grid: tuple[int, int], device=None) -> torch.Tensor:
 
 def orient(scores: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
     """Step 3: flip each component whose mean over the border patches is negative, so the
-    background scores positive and the subject negative, whatever the solver's sign."""
+    background scores positive and the subject negative, whatever the solver's sign.
+
+    Tie-break (beyond METHOD.md): when the border mean is zero up to round-off, the sign is
+    set so that the largest-magnitude score is negative (the subject is the outlier). This
+    always happens on grids with no interior (h <= 2 or w <= 2), where every patch is on the
+    border and centred scores average to exactly zero. The rule is sign-invariant too."""
+    magnitude = scores.abs()
     border_mean = scores[:, border].mean(dim=1, keepdim=True)                # (B, 1, K)
-    return torch.where(border_mean < 0, -scores, scores)
+    extreme = scores.gather(1, magnitude.argmax(dim=1, keepdim=True))         # (B, 1, K)
+    tied = border_mean.abs() <= _SIGN_TIE * magnitude.amax(dim=1, keepdim=True)
+    flip = torch.where(tied, extreme > 0, border_mean < 0)
+    return torch.where(flip, -scores, scores)
 
 
 def _reverse_minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
