@@ -82,6 +82,8 @@ class PerceptualStructuringModule:
         try:
             chunks = images.split(self.chunk_size or images.shape[0])
             outputs = [self.backbone(chunk) for chunk in chunks]
+        except ValueError:
+            raise                     # input errors (e.g. images smaller than a patch) propagate
         except Exception as error:  # noqa: BLE001 - METHOD.md 6: a failure falls back to ones
             logger.warning("PSM backbone failed on %d images (%s: %s); using all-ones maps",
                            images.shape[0], type(error).__name__, error)
