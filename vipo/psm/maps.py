@@ -19,12 +19,11 @@ CONSTANT_SPAN = 1e-8  # METHOD.md 6: max - min <= 1e-8 counts as a constant map
 
 # Subspace iteration (pca_solver="subspace"): block size, residual tolerance (relative to the
 # largest eigenvalue) and iteration cap. Items still above the tolerance at the cap are
-# recomputed with the exact eigh, so the cap trades speed only, never accuracy.
+# recomputed with the exact eigh, so the cap bounds the time, never the accuracy.
 _EXTRA_VECTORS = 13     # block = K + 13, as scikit-learn's randomized SVD oversamples by 10
 _RESIDUAL_TOL = 2e-6
 _MAX_ITERS = 32
-_CHECK_EVERY = 4
-_EIGH_MAX_SIZE = 128    # auto: below this Gram size the exact eigh is already cheap
+_EIGH_MAX_SIZE = 128    # auto: for min(N, D) up to this the exact eigh is already cheap
 # A border mean below this fraction of max|y_j| is round-off (fp32 scores are good to ~1e-6
 # relative), so the border cannot decide the sign; see orient().
 _SIGN_TIE = 1e-4
@@ -92,69 +91,65 @@ def _check_grid(grid, n_patches: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- PCA (steps 1-2)
 
-def _gram(centred: torch.Tensor) -> torch.Tensor:
-    """Smaller of the two Gram matrices: X^T X (D x D) when N >= D, else X X^T (N x N).
-
-    Their non-zero eigenvalues are both S_j^2, so the cost is min(N, D)^2 * max(N, D).
-    """
-    n, d = centred.shape[-2:]
-    return centred.mT @ centred if n >= d else centred @ centred.mT       # (B, m, m)
-
-
 def _top_eigh(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(gram)                             # ascending
     return values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
 
 
-def _ritz(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rayleigh-Ritz on span(basis): eigenpairs of the projected matrix, descending."""
-    values, small = torch.linalg.eigh(basis.mT @ gram @ basis)
-    return values.flip(-1), basis @ small.flip(-1)
+def _top_subspace(operand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of A = operand^T operand (B, m, m) without forming A: block subspace
+    iteration with Rayleigh-Ritz (Golub & Van Loan, Matrix Computations, 4th ed., 8.2.4).
 
-
-def _top_subspace(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs by block subspace iteration with Rayleigh-Ritz (Golub & Van Loan,
-    Matrix Computations, 4th ed., section 8.2.4). Costs O(m^2 (k + 13)) per iteration instead
-    of eigh's O(m^3), which is what makes the batched PCA fast for m ~ 1000."""
-    batch, m, _ = gram.shape
+    Each iteration is two skinny batched matmuls, O(N D (k + 13)), where forming A costs
+    O(N D min(N, D)) and its eigh O(min(N, D)^3); applying A twice also avoids squaring the
+    condition number in fp32. The residual test reuses A Q, so it costs no extra pass."""
+    batch, _, m = operand.shape
     block = min(m, k + _EXTRA_VECTORS)
     # A fixed seed keeps the maps deterministic without touching the global RNG.
-    generator = torch.Generator(device=gram.device).manual_seed(0)
-    basis = torch.randn(batch, m, block, generator=generator, device=gram.device, dtype=gram.dtype)
-    basis = torch.linalg.qr(gram @ basis).Q
-    for step in range(1, _MAX_ITERS + 1):
-        basis = torch.linalg.qr(gram @ basis).Q
-        if step % _CHECK_EVERY == 0 or step == _MAX_ITERS:
-            values, vectors = _ritz(gram, basis)
-            top_values, top_vectors = values[:, :k], vectors[..., :k]
-            residual = torch.linalg.vector_norm(gram @ top_vectors - top_vectors * top_values[:, None],
-                                                dim=-2).amax(-1)               # (B,)
-            # Relative to the largest Ritz value; zero features (all-zero Gram) count as converged.
-            unconverged = residual > _RESIDUAL_TOL * top_values[:, 0]
-            if not unconverged.any():
-                return top_values, top_vectors
-            basis = vectors
-    exact_values, exact_vectors = _top_eigh(gram[unconverged], k)
-    top_values[unconverged], top_vectors[unconverged] = exact_values, exact_vectors
+    generator = torch.Generator(device=operand.device).manual_seed(0)
+    basis = torch.randn(batch, m, block, generator=generator, device=operand.device,
+                        dtype=operand.dtype)
+    basis = torch.linalg.qr(basis).Q                                        # (B, m, block)
+    for _ in range(_MAX_ITERS):
+        image = operand.mT @ (operand @ basis)                              # A Q
+        projected = basis.mT @ image
+        values, small = torch.linalg.eigh(0.5 * (projected + projected.mT))
+        top_values, small = values.flip(-1)[:, :k], small.flip(-1)[..., :k]
+        top_vectors = basis @ small                                         # Ritz vectors
+        residual = torch.linalg.vector_norm(image @ small - top_vectors * top_values[:, None],
+                                            dim=-2).amax(-1)                # (B,)
+        # Relative to the largest Ritz value; all-zero input has residual 0 and converges.
+        unconverged = residual > _RESIDUAL_TOL * top_values[:, 0]
+        if not unconverged.any():
+            return top_values, top_vectors
+        basis = torch.linalg.qr(image).Q
+    gram = operand[unconverged].mT @ operand[unconverged]
+    top_values[unconverged], top_vectors[unconverged] = _top_eigh(gram, k)
     return top_values, top_vectors
 
 
 def principal_scores(features: torch.Tensor, n_components: int, pca_solver: str = "auto"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-2: PCA scores y_j = S_j U_j (B, N, K) and explained-variance ratios
-    lambda_j = S_j^2 / ||F~||_F^2 (B, K), relative to the total variance."""
+    lambda_j = S_j^2 / ||F~||_F^2 (B, K), relative to the total variance.
+
+    The eigenproblem is solved on the smaller side, m = min(N, D): the right singular vectors
+    V from F~^T F~ when N >= D, the left ones U from F~ F~^T when D > N; both have
+    eigenvalues S_j^2."""
     centred = features.float() - features.float().mean(dim=1, keepdim=True)   # (B, N, D)
     n, d = centred.shape[-2:]
-    gram = _gram(centred)                                                     # (B, m, m)
-    m = gram.shape[-1]
-    use_eigh = pca_solver == "eigh" or (pca_solver == "auto" and m <= _EIGH_MAX_SIZE)
-    values, vectors = (_top_eigh if use_eigh else _top_subspace)(gram, n_components)
+    operand = centred if n >= d else centred.mT                    # (B, max, m)
+    use_eigh = pca_solver == "eigh" or (pca_solver == "auto" and min(n, d) <= _EIGH_MAX_SIZE)
+    if use_eigh:
+        values, vectors = _top_eigh(operand.mT @ operand, n_components)
+    else:
+        values, vectors = _top_subspace(operand, n_components)
     values = values.clamp_min(0.0)                         # round-off can make a zero eigenvalue < 0
     if n >= d:
         scores = centred @ vectors                         # F~ V = U S
     else:
-        scores = vectors * values.sqrt()[:, None]          # eigenvectors of F~F~^T are U
-    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)           # ||F~||_F^2
+        scores = vectors * values.sqrt()[:, None]          # eigenvectors of F~ F~^T are U
+    total = torch.linalg.vector_norm(centred, dim=(1, 2))[:, None] ** 2   # ||F~||_F^2
     ratios = torch.where(total > 0, values / total.clamp_min(torch.finfo(total.dtype).tiny),
                          torch.zeros_like(values))
     return scores, ratios
