@@ -43,8 +43,10 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, *, alpha: float = 0.5) -> 
     images = images.detach().float().clamp(0, 1)
     maps = maps.detach().float()[:, None]
     lo = maps.amin((2, 3), keepdim=True)
-    span = (maps.amax((2, 3), keepdim=True) - lo).clamp_min(1e-8)
-    maps = F.interpolate((maps - lo) / span, size=images.shape[-2:], mode="bilinear",
+    span = maps.amax((2, 3), keepdim=True) - lo
+    # A constant map (e.g. the all-ones fallback) is shown at its own value, not as zeros.
+    scaled = torch.where(span > 1e-8, (maps - lo) / span.clamp_min(1e-8), maps.clamp(0, 1))
+    maps = F.interpolate(scaled, size=images.shape[-2:], mode="bilinear",
                          align_corners=False)[:, 0]                         # (B, h, w)
     blended = (1 - alpha) * images.permute(0, 2, 3, 1) + alpha * heat_colours(maps)
     return (blended * 255).round().clamp(0, 255).to(torch.uint8).cpu()
