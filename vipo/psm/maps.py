@@ -39,7 +39,8 @@ def _int_tuple(value, name: str, length: int) -> tuple[int, ...]:
     try:
         items = tuple(value)
     except TypeError:
-        raise ValueError(f"{name} must be a tuple of {length} positive ints, got {value!r}") from None
+        raise ValueError(f"{name} must be a tuple of {length} positive ints, "
+                         f"got {value!r}") from None
     if len(items) != length or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                        for v in items):
         raise ValueError(f"{name} must be a tuple of {length} positive ints, got {value!r}")
@@ -144,7 +145,7 @@ def principal_scores(features: torch.Tensor, n_components: int, pca_solver: str 
         values, vectors = _top_eigh(operand.mT @ operand, n_components)
     else:
         values, vectors = _top_subspace(operand, n_components)
-    values = values.clamp_min(0.0)                         # round-off can make a zero eigenvalue < 0
+    values = values.clamp_min(0.0)                 # round-off can make a zero eigenvalue < 0
     if n >= d:
         scores = centred @ vectors                         # F~ V = U S
     else:
@@ -266,7 +267,8 @@ def _maps_per_group(features: torch.Tensor, grid: tuple[int, int], latent_size: 
     return minmax(latent, (1, 2, 3))                                          # step 10
 
 
-def allocation_maps_from_features(features: torch.Tensor, grid, latent_size, *, n_components: int = 3,
+def allocation_maps_from_features(features: torch.Tensor, grid, latent_size, *,
+                                  n_components: int = 3,
                                   aggregation: str = "weighted", sigma: float = 1.0,
                                   normalize: str = "minmax", floor: float | None = None,
                                   pca_solver: str = "auto") -> torch.Tensor:
@@ -302,7 +304,8 @@ def _check_components(n_components: int, n: int, d: int) -> None:
         raise ValueError(f"n_components={n_components} exceeds min(N, D) = min({n}, {d})")
 
 
-def video_maps_from_features(features: torch.Tensor, grid, latent_size, *, temporal_sigma: float = 0.3,
+def video_maps_from_features(features: torch.Tensor, grid, latent_size, *,
+                             temporal_sigma: float = 0.3,
                              joint_pca: bool = False, **map_options) -> torch.Tensor:
     """Video allocation maps (METHOD.md 6, Video) from per-frame patch features.
 
