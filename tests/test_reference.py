@@ -145,3 +145,18 @@ def test_log_prob_constants():
     logp = log_prob_reference(v, z, x, coef_sample=cs, coef_output=co, std=std)
     expected = -3 * (math.log(0.25) + 0.5 * math.log(2 * math.pi))
     assert torch.allclose(logp, torch.full_like(logp, expected), rtol=1e-12)
+
+
+def test_module_matches_functional():
+    from vipo_kernels import ViPOLoss
+
+    case = make_loss_case((2, 3, 4, 5), kl_coef=0.5)
+    kwargs = dict(case.kwargs)
+    options = {k: kwargs.pop(k) for k in ("clip_range", "adv_clip", "ratio_level", "kl_coef")}
+    module = ViPOLoss(**options, backend="triton")
+    assert "clip_range" in repr(module)
+    loss, stats = module(*case.args(), **kwargs)
+    expected, expected_stats = vipo_loss(*case.args(), **case.kwargs, backend="triton")
+    assert loss.item() == expected.item() and stats.keys() == expected_stats.keys()
+    with pytest.raises(ValueError, match="ratio_level"):
+        ViPOLoss(ratio_level="pixel")

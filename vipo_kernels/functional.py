@@ -285,3 +285,25 @@ def _kernel_log_prob(impl, model_output, sample, next_sample, cs, co, sd):
     with torch.no_grad():
         return impl.log_prob(_bcp(model_output), _bcp(sample), _bcp(next_sample), cs, co, sd)
 
+
+
+class ViPOLoss(torch.nn.Module):
+    """``vipo_loss`` with its hyperparameters fixed at construction, for trainers that
+    hold the loss as a module. ``forward`` takes the tensors and step coefficients."""
+
+    def __init__(self, *, clip_range=1e-4, adv_clip=5.0, ratio_level="position", kl_coef=0.0,
+                 backend="auto", inplace_backward=False):
+        super().__init__()
+        check_hyperparameters(clip_range, adv_clip, kl_coef)
+        check_ratio_level(ratio_level)
+        self.options = dict(clip_range=clip_range, adv_clip=adv_clip, ratio_level=ratio_level,
+                            kl_coef=kl_coef, backend=backend, inplace_backward=inplace_backward)
+
+    def forward(self, model_output, sample, next_sample, old_log_prob, advantages,
+                allocation_map=None, *, coef_sample, coef_output, std, ref_model_output=None):
+        return vipo_loss(model_output, sample, next_sample, old_log_prob, advantages,
+                         allocation_map, coef_sample=coef_sample, coef_output=coef_output, std=std,
+                         ref_model_output=ref_model_output, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

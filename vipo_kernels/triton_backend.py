@@ -30,11 +30,18 @@ TILE_BUDGET = {"cpu": 1 << 16, "gpu": 2048}
 
 
 @triton.jit
-def _program_position_block(n_blocks):
-    """(position block, sample) of this program. A 1-D grid, because the second grid
-    dimension of a CUDA launch stops at 65535 and the batch must not."""
+def _program_tile(n_blocks, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's sample b, its channel and position offsets and their masks.
+
+    A 1-D grid, because the second grid dimension of a CUDA launch stops at 65535 and the
+    batch must not."""
     pid = tl.program_id(0).to(tl.int64)
-    return pid % n_blocks, pid // n_blocks
+    b = pid // n_blocks
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_p = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    return b, offs_c, offs_p, mask_p, mask
 
 
 @triton.jit
@@ -53,11 +60,7 @@ def _gaussian_step_kernel(
     C, P, n_blocks,
     SAMPLE_NOISE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p, b = _program_position_block(n_blocks)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     cs = tl.load(cs_ptr + b)
     co = tl.load(co_ptr + b)
@@ -91,11 +94,7 @@ def _vipo_loss_position_kernel(
     HAS_MAP: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p, b = _program_position_block(n_blocks)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     adv = tl.load(adv_ptr + b)
     cs = tl.load(cs_ptr + b)
@@ -142,7 +141,7 @@ def _vipo_loss_position_kernel(
         tl.store(grad_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    out = partials_ptr + (b * n_blocks + pid_p) * 8
+    out = partials_ptr + tl.program_id(0).to(tl.int64) * 8  # row (b, block) of (B, n_blocks, 8)
     tl.store(out + 0, tl.sum(tl.where(mask_p, term, 0.0), axis=0))
     tl.store(out + 1, tl.sum(kl_pos, axis=0))
     tl.store(out + 2, tl.sum((mask_p & (ratio < 1.0 - CLIP_RANGE)).to(tl.float32), axis=0))
@@ -164,10 +163,7 @@ def _vipo_grad_sample_kernel(
     KL_COEF: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p, b = _program_position_block(n_blocks)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = (offs_c[:, None] < C) & (offs_p < P)[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     co = tl.load(co_ptr + b)
     std = tl.load(std_ptr + b)
@@ -189,7 +185,7 @@ def _vipo_grad_sample_kernel(
             g += (KL_COEF * grad_scale * co * inv_var) * dmean
         tl.store(grad_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(kl_ptr + b * n_blocks + pid_p, kl)
+    tl.store(kl_ptr + tl.program_id(0).to(tl.int64), kl)  # element (b, block) of (B, n_blocks)
 
 
 # ----------------------------------------------------------------------------- launchers

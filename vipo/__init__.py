@@ -1,0 +1,1 @@
+"""ViPO trainer package: perceptual structuring (vipo.psm) and the training loop."""
