@@ -205,3 +205,15 @@ def test_under_torch_compile(backend):
     eager_loss.backward()
     assert rel_err(compiled_loss, eager_loss) < 1e-6
     assert rel_err(compiled_v.grad, eager_v.grad) < 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_second_backward_is_refused(backend):
+    """The gradient buffer is handed to autograd on the first backward: a second one
+    through the same loss must raise, not return a stale or missing gradient."""
+    case = make_loss_case(IMAGE)
+    v = case.model_output.clone().requires_grad_(True)
+    loss, _ = vipo_loss(v, *case.args()[1:], **case.kwargs, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()

@@ -188,12 +188,18 @@ class ViPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        if ctx.grad is None:
+        if not ctx.needs_input_grad[0]:
             return (None,) * 12
-        grad = ctx.grad
+        if ctx.grad is None:
+            raise RuntimeError("vipo_loss: this loss was already backpropagated once and its "
+                               "gradient buffer handed on; call vipo_loss again for another "
+                               "backward pass")
+        # Handing the buffer on (not keeping a reference) lets autograd take it as the
+        # gradient of a leaf without copying it.
+        grad, ctx.grad = ctx.grad, None
         # Skipping the multiply when dloss = 1 saves a pass over the latent (Liger does the same).
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad = grad * grad_loss.to(grad.dtype)
+            grad = grad.mul_(grad_loss.to(grad.dtype))
         return (grad.reshape(ctx.output_shape),) + (None,) * 11
 
 
