@@ -89,7 +89,7 @@ def sde_step(model_output, sample, noise, *, coef_sample, coef_output, std, back
             next_sample, logp = reference.sde_step_reference(
                 model_output, sample, noise, coef_sample=cs, coef_output=co, std=sd)
             return next_sample, logp.to(torch.float32)
-        next3, logp = impl.step(_bcp(model_output), _bcp(sample), _bcp(noise), cs, co, sd)
+    next3, logp = _kernel_step(impl, model_output, sample, noise, cs, co, sd)
     return next3.reshape(sample.shape), logp.reshape(batch, *spatial)
 
 
@@ -111,8 +111,7 @@ def log_prob(model_output, sample, next_sample, *, coef_sample, coef_output, std
         return reference.log_prob_reference(model_output, sample, next_sample, coef_sample=cs,
                                             coef_output=co, std=sd,
                                             ratio_level=ratio_level).to(torch.float32)
-    with torch.no_grad():
-        logp = impl.log_prob(_bcp(model_output), _bcp(sample), _bcp(next_sample), cs, co, sd)
+    logp = _kernel_log_prob(impl, model_output, sample, next_sample, cs, co, sd)
     if ratio_level == "sample":
         return (logp.to(torch.float64).sum(dim=1) / (channels * logp.shape[1])).to(torch.float32)
     return logp.reshape(batch, *spatial)
@@ -254,13 +253,57 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
             ratio_level=ratio_level, kl_coef=kl_coef, ref_model_output=ref)
         return loss.to(torch.float32), {k: s.to(torch.float32) for k, s in stats.items()}
 
-    old = _bp(old_log_prob) if ratio_level == "position" else old_log_prob.detach().float()
-    adv = advantages.detach().to(torch.float32).clamp(-adv_clip, adv_clip).contiguous()
-    amap = _bp(allocation_map) if allocation_map is not None else None
-    hp = {"clip_range": float(clip_range), "kl_coef": float(kl_coef), "ratio_level": ratio_level,
-          "inplace_backward": bool(inplace_backward)}
-    loss, stats = ViPOLossFunction.apply(model_output, sample.detach(), next_sample.detach(), old,
-                                         adv, amap, cs, co, sd,
-                                         ref.detach() if ref is not None else None, impl, hp)
+    hp = {"clip_range": float(clip_range), "adv_clip": float(adv_clip), "kl_coef": float(kl_coef),
+          "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
+    loss, stats = _kernel_loss(impl, model_output, sample, next_sample, old_log_prob, advantages,
+                               allocation_map, cs, co, sd, ref, hp)
     return loss, dict(zip(STAT_NAMES, stats.unbind()))
 
+
+# Kernel launches stay opaque to torch.compile: Dynamo would otherwise trace into the
+# launcher (and, under TRITON_INTERPRET, into the interpreter) and fail. The loss is one
+# fused memory-bound pass, so a graph break around it costs nothing worth compiling.
+@torch.compiler.disable
+def _kernel_loss(impl, model_output, sample, next_sample, old_log_prob, advantages,
+                 allocation_map, cs, co, sd, ref, hp):
+    old = _bp(old_log_prob) if hp["ratio_level"] == "position" else old_log_prob.detach().float()
+    adv = advantages.detach().to(torch.float32).clamp(-hp["adv_clip"], hp["adv_clip"])
+    amap = _bp(allocation_map) if allocation_map is not None else None
+    return ViPOLossFunction.apply(model_output, sample.detach(), next_sample.detach(), old,
+                                  adv.contiguous(), amap, cs, co, sd,
+                                  ref.detach() if ref is not None else None, impl, hp)
+
+
+@torch.compiler.disable
+def _kernel_step(impl, model_output, sample, noise, cs, co, sd):
+    with torch.no_grad():
+        return impl.step(_bcp(model_output), _bcp(sample), _bcp(noise), cs, co, sd)
+
+
+@torch.compiler.disable
+def _kernel_log_prob(impl, model_output, sample, next_sample, cs, co, sd):
+    with torch.no_grad():
+        return impl.log_prob(_bcp(model_output), _bcp(sample), _bcp(next_sample), cs, co, sd)
+
+
+
+class ViPOLoss(torch.nn.Module):
+    """``vipo_loss`` with its hyperparameters fixed at construction, for trainers that
+    hold the loss as a module. ``forward`` takes the tensors and step coefficients."""
+
+    def __init__(self, *, clip_range=1e-4, adv_clip=5.0, ratio_level="position", kl_coef=0.0,
+                 backend="auto", inplace_backward=False):
+        super().__init__()
+        check_hyperparameters(clip_range, adv_clip, kl_coef)
+        check_ratio_level(ratio_level)
+        self.options = dict(clip_range=clip_range, adv_clip=adv_clip, ratio_level=ratio_level,
+                            kl_coef=kl_coef, backend=backend, inplace_backward=inplace_backward)
+
+    def forward(self, model_output, sample, next_sample, old_log_prob, advantages,
+                allocation_map=None, *, coef_sample, coef_output, std, ref_model_output=None):
+        return vipo_loss(model_output, sample, next_sample, old_log_prob, advantages,
+                         allocation_map, coef_sample=coef_sample, coef_output=coef_output, std=std,
+                         ref_model_output=ref_model_output, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

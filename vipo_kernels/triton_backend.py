@@ -25,6 +25,23 @@ from .buffers import new_buffer
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 N_STATS = 8  # columns of the loss partials, see loss_position
+# Elements per (BLOCK_C, BLOCK_P) tile; tests shrink the CPU budget to force many blocks.
+TILE_BUDGET = {"cpu": 1 << 16, "gpu": 2048}
+
+
+@triton.jit
+def _program_tile(n_blocks, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's sample b, its channel and position offsets and their masks.
+
+    A 1-D grid, because the second grid dimension of a CUDA launch stops at 65535 and the
+    batch must not."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_blocks
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_p = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    return b, offs_c, offs_p, mask_p, mask
 
 
 @triton.jit
@@ -40,15 +57,10 @@ def _gaussian_step_kernel(
     v_ptr, z_ptr, x_ptr,  # model output, sample, and the noise (SAMPLE_NOISE) or the next sample
     cs_ptr, co_ptr, std_ptr,  # (B,) fp32 step coefficients
     stride_vb, stride_vc, stride_zb, stride_zc, stride_xb, stride_xc, stride_nb, stride_nc,
-    C, P,
+    C, P, n_blocks,
     SAMPLE_NOISE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     cs = tl.load(cs_ptr + b)
     co = tl.load(co_ptr + b)
@@ -82,12 +94,7 @@ def _vipo_loss_position_kernel(
     HAS_MAP: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    mask = (offs_c[:, None] < C) & mask_p[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     adv = tl.load(adv_ptr + b)
     cs = tl.load(cs_ptr + b)
@@ -134,7 +141,7 @@ def _vipo_loss_position_kernel(
         tl.store(grad_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    out = partials_ptr + (b * n_blocks + pid_p) * 8
+    out = partials_ptr + tl.program_id(0).to(tl.int64) * 8  # row (b, block) of (B, n_blocks, 8)
     tl.store(out + 0, tl.sum(tl.where(mask_p, term, 0.0), axis=0))
     tl.store(out + 1, tl.sum(kl_pos, axis=0))
     tl.store(out + 2, tl.sum((mask_p & (ratio < 1.0 - CLIP_RANGE)).to(tl.float32), axis=0))
@@ -156,11 +163,7 @@ def _vipo_grad_sample_kernel(
     KL_COEF: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = (offs_c[:, None] < C) & (offs_p < P)[None, :]
+    b, offs_c, offs_p, mask_p, mask = _program_tile(n_blocks, C, P, BLOCK_C, BLOCK_P)
 
     co = tl.load(co_ptr + b)
     std = tl.load(std_ptr + b)
@@ -182,7 +185,7 @@ def _vipo_grad_sample_kernel(
             g += (KL_COEF * grad_scale * co * inv_var) * dmean
         tl.store(grad_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(kl_ptr + b * n_blocks + pid_p, kl)
+    tl.store(kl_ptr + tl.program_id(0).to(tl.int64), kl)  # element (b, block) of (B, n_blocks)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -196,7 +199,7 @@ def _block_sizes(C: int, P: int, device: torch.device) -> tuple[int, int, int]:
     tiles as large as memory allows.
     """
     block_c = triton.next_power_of_2(C)
-    budget = 1 << 16 if device.type == "cpu" else 2048
+    budget = TILE_BUDGET["cpu" if device.type == "cpu" else "gpu"]
     block_p = max(16, min(triton.next_power_of_2(P), budget // block_c))
     num_warps = 4 if block_c * block_p <= 2048 else 8
     return block_c, block_p, num_warps
@@ -207,7 +210,9 @@ def _device_guard(device: torch.device):
 
 
 def _grid(P: int, B: int, block_p: int):
-    return (triton.cdiv(P, block_p), B)
+    """(number of position blocks, the 1-D launch grid)."""
+    n_blocks = triton.cdiv(P, block_p)
+    return n_blocks, (n_blocks * B,)
 
 
 def gaussian_step(v, z, x, cs, co, std, *, sample_noise: bool, next_out=None, logp_out=None):
@@ -221,10 +226,11 @@ def gaussian_step(v, z, x, cs, co, std, *, sample_noise: bool, next_out=None, lo
     nxt = next_out if sample_noise else logp_out  # any pointer; unused without SAMPLE_NOISE
     stride_nb, stride_nc = (next_out.stride(0), next_out.stride(1)) if sample_noise else (0, 0)
     with _device_guard(z.device):
-        _gaussian_step_kernel[_grid(P, B, block_p)](
+        n_blocks, grid = _grid(P, B, block_p)
+        _gaussian_step_kernel[grid](
             nxt, logp_out, v, z, x, cs, co, std,
             v.stride(0), v.stride(1), z.stride(0), z.stride(1), x.stride(0), x.stride(1),
-            stride_nb, stride_nc, C, P,
+            stride_nb, stride_nc, C, P, n_blocks,
             SAMPLE_NOISE=sample_noise, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return next_out, logp_out
 
@@ -248,9 +254,9 @@ def loss_position(v, z, x, old, adv, amap, cs, co, std, ref, grad, *, clip_range
     sum log(rho)^2, sum rho, min rho, max rho]; writes dL/dv into ``grad`` if given."""
     B, C, P = z.shape
     block_c, block_p, num_warps = _block_sizes(C, P, z.device)
-    grid = _grid(P, B, block_p)
+    n_blocks, grid = _grid(P, B, block_p)
     if partials_out is None:
-        partials_out = new_buffer((B, grid[0], N_STATS), torch.float32, z.device)
+        partials_out = new_buffer((B, n_blocks, N_STATS), torch.float32, z.device)
     has_ref = ref is not None
     ref, stride_rb, stride_rc = _ref_args(ref, v)
     with _device_guard(z.device):
@@ -258,7 +264,7 @@ def loss_position(v, z, x, old, adv, amap, cs, co, std, ref, grad, *, clip_range
             partials_out, grad if grad is not None else v, v, z, x, ref, old,
             amap if amap is not None else old, adv, cs, co, std,
             v.stride(0), v.stride(1), z.stride(0), z.stride(1), x.stride(0), x.stride(1),
-            stride_rb, stride_rc, C, P, grid[0], grad_scale,
+            stride_rb, stride_rc, C, P, n_blocks, grad_scale,
             CLIP_RANGE=float(clip_range), KL_COEF=float(kl_coef), HAS_MAP=amap is not None,
             HAS_REF=has_ref, WRITE_GRAD=grad is not None,
             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
@@ -269,16 +275,16 @@ def grad_sample(v, z, x, dlogp, cs, co, std, ref, grad, *, kl_coef, grad_scale, 
     """Writes dlogp[b] * dl/dv (+ the KL gradient) into ``grad``; returns (B, n_blocks) KL sums."""
     B, C, P = z.shape
     block_c, block_p, num_warps = _block_sizes(C, P, z.device)
-    grid = _grid(P, B, block_p)
+    n_blocks, grid = _grid(P, B, block_p)
     if kl_out is None:
-        kl_out = new_buffer((B, grid[0]), torch.float32, z.device)
+        kl_out = new_buffer((B, n_blocks), torch.float32, z.device)
     has_ref = ref is not None
     ref, stride_rb, stride_rc = _ref_args(ref, v)
     with _device_guard(z.device):
         _vipo_grad_sample_kernel[grid](
             kl_out, grad if grad is not None else v, v, z, x, ref, dlogp, cs, co, std,
             v.stride(0), v.stride(1), z.stride(0), z.stride(1), x.stride(0), x.stride(1),
-            stride_rb, stride_rc, C, P, grid[0], grad_scale,
+            stride_rb, stride_rc, C, P, n_blocks, grad_scale,
             KL_COEF=float(kl_coef), HAS_REF=has_ref, WRITE_GRAD=grad is not None,
             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return kl_out

@@ -1,0 +1,192 @@
+"""CPU benchmark of the C++ backend: the fused loss (forward + backward) and the SDE step,
+against the eager float32 reference and torch.compile of the reference, at the Flux
+(B=12, C=16, 64x64) and Wan (B=8, C=16, 14x30x52) latent sizes.
+
+    pytest benchmarks/bench_cpu.py --benchmark-only --benchmark-json out.json
+    python benchmarks/bench_cpu.py out.json     # markdown table with the ratios
+
+Each case first checks its implementation against the float64 reference (the loss)
+or the eager one (the step; llm.c: assert, then time), then times it. Threads are torch's (torch.set_num_threads), for every
+implementation alike. GB/s is the minimum traffic over the median time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from vipo_kernels import backends, sde_coefficients, sde_step, vipo_loss
+from vipo_kernels.reference import log_prob_reference, sde_step_reference, vipo_loss_reference
+
+SHAPES = {"flux": (12, 16, 64, 64), "wan": (8, 16, 14, 30, 52)}
+IMPLS = ["cpp", "torch-eager", "torch-compile"]
+_compiled: dict[str, object] = {}
+
+pytestmark = pytest.mark.skipif(not backends.available("cpp"),
+                                reason="the C++ extension is not built")
+
+
+def _inputs(shape, clip_range=1e-4):
+    """A rollout step with ratios below, inside and above [1 - eps, 1 + eps], a map, fp32.
+
+    The old log-prob is the float64 log-density minus an offset in {-3, -0.5, 0, 0.5, 3} x
+    eps per position, so no ratio lies within rounding of a clip boundary, where fp32 and
+    float64 may pick different branches and the gradient check would compare noise."""
+    gen = torch.Generator().manual_seed(0)
+    batch, _, *spatial = shape
+    sigma = torch.rand(batch, generator=gen) * 0.8 + 0.15
+    cs, co, std = sde_coefficients(sigma, sigma * 0.8)
+    v, z, noise = (torch.randn(shape, generator=gen) for _ in range(3))
+    nxt, _ = sde_step(v, z, noise, coef_sample=cs, coef_output=co, std=std, backend="torch")
+    logp64 = log_prob_reference(v.double(), z.double(), nxt.double(), coef_sample=cs.double(),
+                                coef_output=co.double(), std=std.double())
+    offsets = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64) * clip_range
+    old = (logp64 - offsets[torch.randint(0, 5, logp64.shape, generator=gen)]).float()
+    adv = torch.randn(batch, generator=gen)
+    amap = torch.rand((batch, *spatial), generator=gen)
+    kwargs = dict(coef_sample=cs, coef_output=co, std=std, clip_range=clip_range)
+    return (v, z, nxt, old, adv, amap), kwargs, noise
+
+
+def _elements(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _loss_bytes(shape):
+    """Read v, z, z' and write dL/dv (fp32), read the old log-prob and the map."""
+    return 4 * 4 * _elements(shape) + 2 * 4 * _elements(shape) // shape[1]
+
+
+def _step_bytes(shape):
+    """Read v, z, noise and write z' (fp32), write the log-prob."""
+    return 4 * 4 * _elements(shape) + 4 * _elements(shape) // shape[1]
+
+
+def _reference_loss(*args, **kwargs):
+    return vipo_loss_reference(*args, **kwargs)[0]
+
+
+def _loss_fn(impl):
+    if impl == "cpp":
+        return lambda *a, **k: vipo_loss(*a, **k, backend="cpp")[0]
+    if impl == "torch-compile":
+        return _compiled.setdefault("loss", torch.compile(_reference_loss))
+    return _reference_loss
+
+
+def _step_fn(impl):
+    if impl == "cpp":
+        return lambda *a, **k: sde_step(*a, **k, backend="cpp")
+    if impl == "torch-compile":
+        return _compiled.setdefault("step", torch.compile(sde_step_reference))
+    return sde_step_reference
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _record(benchmark, impl, shape, nbytes):
+    benchmark.extra_info.update(impl=impl, shape=list(shape), dtype="float32", bytes=nbytes,
+                                threads=torch.get_num_threads())
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain test run)
+        benchmark.extra_info["gbps"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_loss_fwd_bwd(benchmark, preset, impl):
+    shape = SHAPES[preset]
+    (v, *rest), kwargs, _ = _inputs(shape)
+    fn = _loss_fn(impl)
+
+    def fwd_bwd():
+        x = v.detach().requires_grad_(True)
+        loss = fn(x, *rest, **kwargs)
+        loss.backward()
+        return loss, x.grad
+
+    loss, grad = fwd_bwd()
+    ref_v = v.detach().double().requires_grad_(True)  # the float64 oracle
+    ref_loss = _reference_loss(ref_v, *(r.double() for r in rest),
+                               **{k: a.double() if isinstance(a, torch.Tensor) else a
+                                  for k, a in kwargs.items()})
+    ref_loss.backward()
+    assert _rel(loss, ref_loss) < 1e-5 and _rel(grad, ref_v.grad) < 1e-5
+    benchmark.pedantic(fwd_bwd, rounds=30, iterations=1, warmup_rounds=3)
+    _record(benchmark, impl, shape, _loss_bytes(shape))
+
+
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_loss_kernel_only(benchmark, preset):
+    """The C++ primitive alone (loss partials and dL/dv in one pass), without the public
+    API's argument checks, autograd wrapper and final reduction: where the time of the
+    ``cpp`` row above goes."""
+    from vipo_kernels import cpp_backend
+
+    shape = SHAPES[preset]
+    (v, z, x, old, adv, amap), kwargs, _ = _inputs(shape)
+    B, C = shape[:2]
+    v3, z3, x3 = (t.reshape(B, C, -1) for t in (v, z, x))
+    old2, map2 = old.reshape(B, -1), amap.reshape(B, -1)
+    cs, co, std = kwargs["coef_sample"], kwargs["coef_output"], kwargs["std"]
+
+    def kernel():
+        grad = torch.empty_like(v3)
+        partials = cpp_backend.loss_position(v3, z3, x3, old2, adv.clamp(-5, 5), map2, cs, co,
+                                             std, None, grad, clip_range=kwargs["clip_range"],
+                                             kl_coef=0.0, grad_scale=1.0 / v3[:, 0].numel())
+        return partials, grad
+
+    partials, _ = kernel()
+    x_ref = v.detach().requires_grad_(True)
+    ref = _reference_loss(x_ref, z, x, old, adv, amap, **kwargs)
+    assert _rel(partials[..., 0].double().sum() / v3[:, 0].numel(), ref.detach()) < 1e-5
+    benchmark.pedantic(kernel, rounds=30, iterations=1, warmup_rounds=3)
+    _record(benchmark, "cpp-kernel", shape, _loss_bytes(shape))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("preset", list(SHAPES))
+def test_step(benchmark, preset, impl):
+    shape = SHAPES[preset]
+    (v, z, *_), kwargs, noise = _inputs(shape)
+    kwargs.pop("clip_range")
+    fn = _step_fn(impl)
+    nxt, logp = fn(v, z, noise, **kwargs)
+    ref_next, ref_logp = sde_step_reference(v, z, noise, **kwargs)
+    assert _rel(nxt, ref_next) < 1e-6 and _rel(logp, ref_logp) < 1e-5
+    benchmark.pedantic(lambda: fn(v, z, noise, **kwargs), rounds=30, iterations=1,
+                       warmup_rounds=3)
+    _record(benchmark, impl, shape, _step_bytes(shape))
+
+
+def summarize(path):
+    """Markdown table of a --benchmark-json file: medians, mins, GB/s and the ratios."""
+    runs = json.load(open(path))["benchmarks"]
+    rows = {}
+    for run in runs:
+        op = run["name"].split("[")[0].removeprefix("test_").replace("loss_kernel_only", "loss_fwd_bwd")
+        preset = run["params"]["preset"]
+        rows.setdefault((op, preset), {})[run["extra_info"]["impl"]] = run
+    print("| op | shape | impl | median ms | min ms | GB/s | eager / impl | compile / impl |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (op, preset), impls in rows.items():
+        eager = impls["torch-eager"]["stats"]["median"]
+        compiled = impls["torch-compile"]["stats"]["median"]
+        for impl in [i for i in ("cpp-kernel", *IMPLS) if i in impls]:
+            stats = impls[impl]["stats"]
+            print(f"| {op} | {preset} {tuple(SHAPES[preset])} | {impl} | "
+                  f"{stats['median'] * 1e3:.2f} | {stats['min'] * 1e3:.2f} | "
+                  f"{impls[impl]['extra_info']['gbps']} | {eager / stats['median']:.1f}x | "
+                  f"{compiled / stats['median']:.1f}x |")
+
+
+if __name__ == "__main__":
+    summarize(sys.argv[1])

@@ -1,0 +1,80 @@
+// The vipo:: operator library: schemas, the Meta kernels that let torch.compile trace the
+// ops (they check the arguments and compute nothing: every op writes into outputs the
+// caller allocated, so there is no output shape to infer), and the Python module entry
+// point, so `import vipo_kernels._C` loads the library and registers everything.
+//
+// Outputs are arguments marked (a!), in the style of torch's out= ops: the caller (the
+// Python backends) allocates them, which keeps the test suite's NaN-poisoned buffers and
+// the in-place backward (grad aliasing v) possible. Per-device kernels: ops_cpu.cpp and,
+// in a CUDA build, ops_cuda.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops_common.h"
+
+namespace vipo {
+namespace {
+
+void step_meta(const at::Tensor& v, const at::Tensor& z, const at::Tensor& noise,
+               const at::Tensor& cs, const at::Tensor& co, const at::Tensor& std,
+               at::Tensor& next_out, at::Tensor& logp_out, int64_t block_p) {
+  check_step({v, z, noise, cs, co, std}, next_out, logp_out, block_p);
+}
+
+void log_prob_meta(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                   const at::Tensor& cs, const at::Tensor& co, const at::Tensor& std,
+                   at::Tensor& logp_out, int64_t block_p) {
+  check_log_prob({v, z, x, cs, co, std}, logp_out, block_p);
+}
+
+void loss_position_meta(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                        const at::Tensor& old, const at::Tensor& adv,
+                        const c10::optional<at::Tensor>& amap, const at::Tensor& cs,
+                        const at::Tensor& co, const at::Tensor& std,
+                        const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& grad,
+                        at::Tensor& partials_out, double, double, double, int64_t block_p) {
+  check_loss_position({v, z, x, cs, co, std}, old, adv, amap, ref, grad, partials_out, block_p);
+}
+
+void grad_sample_meta(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                      const at::Tensor& dlogp, const at::Tensor& cs, const at::Tensor& co,
+                      const at::Tensor& std, const c10::optional<at::Tensor>& ref,
+                      const c10::optional<at::Tensor>& grad, at::Tensor& kl_out, double, double,
+                      int64_t block_p) {
+  check_grad_sample({v, z, x, cs, co, std}, dlogp, ref, grad, kl_out, block_p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vipo, m) {
+  // Latents v, z, x/noise, ref are (B, C, P) with positions at stride 1; cs, co, std, adv,
+  // dlogp are (B,) fp32; old, amap are (B, P) fp32. block_p is the positions per task (CPU)
+  // or per thread block (CUDA); partials have ceil(P / block_p) blocks.
+  m.def("step(Tensor v, Tensor z, Tensor noise, Tensor cs, Tensor co, Tensor std, "
+        "Tensor(a!) next_out, Tensor(b!) logp_out, int block_p) -> ()");
+  m.def("log_prob(Tensor v, Tensor z, Tensor x, Tensor cs, Tensor co, Tensor std, "
+        "Tensor(a!) logp_out, int block_p) -> ()");
+  m.def("loss_position(Tensor v, Tensor z, Tensor x, Tensor old, Tensor adv, Tensor? amap, "
+        "Tensor cs, Tensor co, Tensor std, Tensor? ref, Tensor(a!)? grad, "
+        "Tensor(b!) partials_out, float clip_range, float kl_coef, float grad_scale, "
+        "int block_p) -> ()");
+  m.def("grad_sample(Tensor v, Tensor z, Tensor x, Tensor dlogp, Tensor cs, Tensor co, "
+        "Tensor std, Tensor? ref, Tensor(a!)? grad, Tensor(b!) kl_out, float kl_coef, "
+        "float grad_scale, int block_p) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vipo, Meta, m) {
+  m.impl("step", &step_meta);
+  m.impl("log_prob", &log_prob_meta);
+  m.impl("loss_position", &loss_position_meta);
+  m.impl("grad_sample", &grad_sample_meta);
+}
+
+}  // namespace vipo
+
+// An empty Python module: importing it runs the static registrations above. No pybind11,
+// which keeps the build light (torch/extension.h alone takes minutes to compile here).
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

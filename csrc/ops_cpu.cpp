@@ -1,0 +1,86 @@
+// CPU kernels of the vipo:: ops (schemas in ops.cpp): checks, then the OpenMP loops of
+// csrc/cpu/ on raw pointers. The thread count is torch's (torch.set_num_threads), passed
+// explicitly because OpenMP's setting is per calling thread.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops_common.h"
+
+namespace vipo {
+namespace {
+
+Latent latent(const at::Tensor& t) {
+  return {t.data_ptr(), latent_dtype(t, "latent"), t.stride(0), t.stride(1)};
+}
+
+Latent optional_latent(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? latent(*t) : Latent{nullptr, DType::kFloat32, 0, 0};
+}
+
+StepCoefficients coefficients(const at::Tensor& cs, const at::Tensor& co, const at::Tensor& std) {
+  return {cs.data_ptr<float>(), co.data_ptr<float>(), std.data_ptr<float>()};
+}
+
+Sizes sizes(const at::Tensor& v, int64_t block_p) {
+  return {v.size(0), v.size(1), v.size(2), block_p};
+}
+
+void step_cpu(const at::Tensor& v, const at::Tensor& z, const at::Tensor& noise,
+              const at::Tensor& cs, const at::Tensor& co, const at::Tensor& std,
+              at::Tensor& next_out, at::Tensor& logp_out, int64_t block_p) {
+  check_step({v, z, noise, cs, co, std}, next_out, logp_out, block_p);
+  gaussian_step_cpu(next_out.data_ptr(), latent_dtype(next_out, "next_out"), next_out.stride(0),
+                    next_out.stride(1), logp_out.data_ptr<float>(), latent(v), latent(z),
+                    latent(noise), coefficients(cs, co, std), sizes(v, block_p),
+                    /*sample_noise=*/true, at::get_num_threads());
+}
+
+void log_prob_cpu(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                  const at::Tensor& cs, const at::Tensor& co, const at::Tensor& std,
+                  at::Tensor& logp_out, int64_t block_p) {
+  check_log_prob({v, z, x, cs, co, std}, logp_out, block_p);
+  gaussian_step_cpu(nullptr, DType::kFloat32, 0, 0, logp_out.data_ptr<float>(), latent(v),
+                    latent(z), latent(x), coefficients(cs, co, std), sizes(v, block_p),
+                    /*sample_noise=*/false, at::get_num_threads());
+}
+
+void loss_position_cpu_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                          const at::Tensor& old, const at::Tensor& adv,
+                          const c10::optional<at::Tensor>& amap, const at::Tensor& cs,
+                          const at::Tensor& co, const at::Tensor& std,
+                          const c10::optional<at::Tensor>& ref,
+                          const c10::optional<at::Tensor>& grad, at::Tensor& partials_out,
+                          double clip_range, double kl_coef, double grad_scale,
+                          int64_t block_p) {
+  check_loss_position({v, z, x, cs, co, std}, old, adv, amap, ref, grad, partials_out, block_p);
+  loss_position_cpu(partials_out.data_ptr<float>(), grad.has_value() ? grad->data_ptr() : nullptr,
+                    latent_dtype(v, "v"), latent(v), latent(z), latent(x), optional_latent(ref),
+                    old.data_ptr<float>(), amap.has_value() ? amap->data_ptr<float>() : nullptr,
+                    adv.data_ptr<float>(), coefficients(cs, co, std), sizes(v, block_p),
+                    clip_range, static_cast<float>(kl_coef), static_cast<float>(grad_scale),
+                    at::get_num_threads());
+}
+
+void grad_sample_cpu_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
+                        const at::Tensor& dlogp, const at::Tensor& cs, const at::Tensor& co,
+                        const at::Tensor& std, const c10::optional<at::Tensor>& ref,
+                        const c10::optional<at::Tensor>& grad, at::Tensor& kl_out,
+                        double kl_coef, double grad_scale, int64_t block_p) {
+  check_grad_sample({v, z, x, cs, co, std}, dlogp, ref, grad, kl_out, block_p);
+  grad_sample_cpu(kl_out.data_ptr<float>(), grad.has_value() ? grad->data_ptr() : nullptr,
+                  latent_dtype(v, "v"), latent(v), latent(z), latent(x), optional_latent(ref),
+                  dlogp.data_ptr<float>(), coefficients(cs, co, std), sizes(v, block_p),
+                  static_cast<float>(kl_coef), static_cast<float>(grad_scale),
+                  at::get_num_threads());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vipo, CPU, m) {
+  m.impl("step", &step_cpu);
+  m.impl("log_prob", &log_prob_cpu);
+  m.impl("loss_position", &loss_position_cpu_op);
+  m.impl("grad_sample", &grad_sample_cpu_op);
+}
+
+}  // namespace vipo

@@ -1,0 +1,147 @@
+"""Shared test helpers: the tolerance table (STYLE.md 8), the comparison criterion and a
+builder of loss inputs that exercises every branch of the clipped surrogate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vipo_kernels.reference import elementwise_log_prob, sde_coefficients_reference, vipo_loss_reference
+
+# dtype -> (atol, rtol), Liger style.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64; NaN anywhere gives inf."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return (actual - expected).abs().max().item()
+
+
+def assert_matches(name: str, kernel, same_dtype_torch, oracle, dtype: torch.dtype, *,
+                   relative_atol: bool = False) -> None:
+    """fp32: relative error under rtol. Low precision: FlashAttention's criterion, the
+    kernel's error is at most twice the same-dtype torch reference's error plus atol.
+
+    ``relative_atol`` applies FlashAttention's criterion in fp32 too, with atol = rtol x
+    |oracle|: for statistics of log-ratios, where the fp32 rounding of a difference of
+    large log-densities bounds every implementation, the torch reference included."""
+    atol, rtol = TOLERANCES[dtype]
+    if relative_atol:
+        atol = rtol * oracle.double().abs().max().item()
+    elif dtype == torch.float32:
+        err = rel_err(kernel, oracle)
+        print(f"{name}: kernel rel err {err:.3e}")
+        assert err < rtol, f"{name}: relative error {err:.3e} >= {rtol:.0e}"
+        return
+    kernel_err, torch_err = max_err(kernel, oracle), max_err(same_dtype_torch, oracle)
+    print(f"{name}: kernel err {kernel_err:.3e}, torch {dtype} err {torch_err:.3e}")
+    assert kernel_err <= 2 * torch_err + atol, (
+        f"{name}: kernel error {kernel_err:.3e} > 2 x torch error {torch_err:.3e} + {atol}")
+
+
+@dataclass
+class LossCase:
+    """Inputs of ``vipo_loss`` plus the keyword arguments, ready to pass on."""
+
+    model_output: torch.Tensor
+    sample: torch.Tensor
+    next_sample: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    allocation_map: torch.Tensor | None
+    kwargs: dict = field(default_factory=dict)
+
+    def args(self):
+        return (self.model_output, self.sample, self.next_sample, self.old_log_prob,
+                self.advantages, self.allocation_map)
+
+
+def _noncontiguous(x: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values in a non-contiguous layout: 'batch' permutes batch and channel
+    storage (positions stay contiguous), 'position' strides the positions."""
+    if how == "batch":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if how == "position":
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="position",
+                   with_map=True, kl_coef=0.0, clip_range=1e-2, noncontiguous=None,
+                   device="cpu") -> LossCase:
+    """Random inputs whose ratios fall below, inside and above [1 - eps, 1 + eps], with
+    advantages of both signs (one beyond adv_clip) and a map with zeros.
+
+    The old log-prob is the float64 log-density of the current policy minus a chosen
+    offset, so each ratio is exp(offset) up to rounding; the offsets stay at least eps/2
+    away from the clip boundaries, where fp32 and float64 could disagree on the branch.
+    """
+    batch, channels, *spatial = shape
+    sigma = torch.rand(batch, dtype=torch.float64) * 0.8 + 0.15
+    sigma_next = sigma * (torch.rand(batch, dtype=torch.float64) * 0.6 + 0.3)
+    cs, co, std = sde_coefficients_reference(sigma, sigma_next, kind="dance", eta=0.7)
+    v = torch.randn(shape, dtype=torch.float64).to(dtype)
+    z = torch.randn(shape, dtype=torch.float64).to(dtype)
+    v_old = v.double() + 0.05 * torch.randn(shape, dtype=torch.float64)
+    mean_old = cs.view(-1, *[1] * (len(shape) - 1)) * z.double() + \
+        co.view(-1, *[1] * (len(shape) - 1)) * v_old
+    x = (mean_old + std.view(-1, *[1] * (len(shape) - 1)) *
+         torch.randn(shape, dtype=torch.float64)).to(dtype)
+    elem = elementwise_log_prob(v.double(), z.double(), x.double(), cs, co, std)
+
+    offsets = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64) * clip_range
+    if ratio_level == "position":
+        pick = torch.randint(0, len(offsets), (batch, *spatial))
+        old = elem.sum(dim=1) - offsets[pick]
+    else:
+        old = elem.flatten(1).mean(dim=1) - offsets[torch.arange(batch) % len(offsets)]
+
+    advantages = torch.randn(batch, dtype=torch.float64) * 2
+    advantages[0] = abs(advantages[0]) + 6.0  # beyond adv_clip = 5
+    if batch > 1:
+        advantages[1] = -abs(advantages[1]) - 0.1
+    amap = None
+    if with_map:
+        amap = torch.rand(batch, *spatial, dtype=torch.float64)
+        amap[amap < 0.2] = 0.0
+        amap = amap.to(dtype)
+    kwargs = dict(coef_sample=cs.float(), coef_output=co.float(), std=std.float(),
+                  clip_range=clip_range, adv_clip=5.0, ratio_level=ratio_level, kl_coef=kl_coef)
+    if kl_coef > 0:
+        kwargs["ref_model_output"] = _noncontiguous(
+            (v.double() + 0.1 * torch.randn(shape, dtype=torch.float64)).to(dtype),
+            noncontiguous).to(device)
+    v, z, x = (_noncontiguous(t, noncontiguous).to(device) for t in (v, z, x))
+    to_dev = (lambda t: t.to(device) if t is not None else None)
+    kwargs = {k: to_dev(a) if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
+    return LossCase(v, z, x, old.float().to(device), advantages.to(dtype).to(device),
+                    to_dev(amap), kwargs)
+
+
+def oracle(case: LossCase):
+    """float64 loss, stats and dL/dv of ``case``, from the reference."""
+    v = case.model_output.detach().double().cpu().requires_grad_(True)
+    args = [a.detach().double().cpu() if a is not None else None for a in case.args()[1:]]
+    kwargs = {k: a.detach().double().cpu() if isinstance(a, torch.Tensor) else a
+              for k, a in case.kwargs.items()}
+    loss, stats = vipo_loss_reference(v, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, v)
+    return loss.detach(), stats, grad
