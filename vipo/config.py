@@ -112,6 +112,10 @@ class PSMConfig:
     aggregation: str = _f("weighted", "weighted (by explained variance), average, first_pc",
                           ("weighted", "average", "first_pc"))
     psm_sigma: float = _f(1.0, "Gaussian smoothing of the patch map, in patches (0 = off)")
+    temporal_sigma: float = _f(0.3, "video: Gaussian smoothing of the map along latent time, "
+                               "in latent frames (METHOD.md 6)")
+    joint_pca: bool = _f(False, "video: one PCA basis over all frames of a clip (beyond the "
+                         "paper; stops per-frame flicker)")
     map_norm: str = _f("minmax", "minmax (paper); mean_one: M/mean(M); floor: alpha + (1 - "
                        "alpha) M (METHOD.md 6)", ("minmax", "mean_one", "floor"))
     map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]")
@@ -160,6 +164,8 @@ class RunConfig:
                                "-1 = never)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     progress: bool = _f(True, "show the tqdm progress bar")
+    cpu_threads: int = _f(0, "torch intra-op threads when running on the CPU (0: torch's "
+                          "default); tiny models run faster on 1 thread than on 2 shared cores")
 
 
 SECTIONS = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig,
@@ -279,6 +285,7 @@ def _check_numbers(cfg: Config) -> None:
                        ("train.ema_every", t.ema_every), ("psm.n_components", p.n_components),
                        ("reward.video_frame_stride", r.video_frame_stride)]:
         _need(value >= 1, key, "must be >= 1", value)
+    _need(cfg.run.cpu_threads >= 0, "run.cpu_threads", "must be >= 0", cfg.run.cpu_threads)
     _need(s.num_steps >= 2, "sample.num_steps", "must be >= 2 (the last step is never trained)",
           s.num_steps)
     _need(s.group_size >= 2, "sample.group_size", "must be >= 2 (the advantage needs a group "
@@ -290,7 +297,8 @@ def _check_numbers(cfg: Config) -> None:
                        ("train.adam_eps", t.adam_eps)]:
         _need(math.isfinite(value) and value > 0, key, "must be a finite number > 0", value)
     for key, value in [("train.kl_coef", t.kl_coef), ("train.weight_decay", t.weight_decay),
-                       ("psm.psm_sigma", p.psm_sigma), ("train.lora_alpha", t.lora_alpha)]:
+                       ("psm.psm_sigma", p.psm_sigma), ("train.lora_alpha", t.lora_alpha),
+                       ("psm.temporal_sigma", p.temporal_sigma)]:
         _need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0", value)
     for key, value in [("train.timestep_fraction", t.timestep_fraction),
                        ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:

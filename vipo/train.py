@@ -61,6 +61,8 @@ class Trainer:
         self.accelerator = acc = Accelerator(cpu=not cuda, gradient_accumulation_steps=accum,
                                              mixed_precision="bf16" if precision == "bf16"
                                              else "no")
+        if not cuda and cfg.run.cpu_threads > 0:
+            torch.set_num_threads(cfg.run.cpu_threads)
         set_seed(t.seed + acc.process_index)
         self.rng = random.Random(t.seed + acc.process_index)
         self.generator = torch.Generator(acc.device).manual_seed(t.seed + acc.process_index)
@@ -160,10 +162,11 @@ class Trainer:
 
             with self.accelerator.main_process_first():
                 path = str(tiny.ensure_backbone())
-        psm = PerceptualStructuringModule.from_pretrained(
-            path, n_components=p.n_components, aggregation=p.aggregation, sigma=p.psm_sigma,
-            normalize="minmax")
-        return psm.to(self.accelerator.device) if isinstance(psm, torch.nn.Module) else psm
+        # normalize="minmax" here: map_norm is applied by the trainer (normalise_maps), which
+        # keeps the kernel's map in [0, 1] for every norm.
+        return PerceptualStructuringModule.from_pretrained(
+            path, device=self.accelerator.device, n_components=p.n_components,
+            aggregation=p.aggregation, sigma=p.psm_sigma, normalize="minmax")
 
     # ------------------------------------------------------------------ sample
     def sample(self):
@@ -216,7 +219,8 @@ class Trainer:
         """PSM maps (N, *S) on the latent grid of the loss, in [0, 1]."""
         spatial = tuple(self.adapter.latent_shape()[1:])
         if self.adapter.is_video:
-            return self.psm.video(media, latent_size=spatial).float()
+            return self.psm.video(media, latent_size=spatial, joint_pca=self.cfg.psm.joint_pca,
+                                  temporal_sigma=self.cfg.psm.temporal_sigma).float()
         return self.psm(media, latent_size=spatial).float()
 
     # ------------------------------------------------------------------ optimize
@@ -324,6 +328,7 @@ class Trainer:
                 row[f"reward_{_tag(name)}_mean"] = finite[:, col].mean()
         row.update(zero_std_groups=adv.zero_std_groups, dropped_groups=adv.dropped_groups,
                    map_mean=raw_maps.mean() if raw_maps is not None else 1.0,
+                   psm_failures=self.psm.failures if self.psm is not None else 0,
                    optimizer_steps=self.optimizer_steps, lr=self.optimizer.param_groups[0]["lr"])
         stat_keys = ("loss", "loss_clip", "loss_kl", "clip_frac_low", "clip_frac_high",
                      "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "grad_norm",
@@ -349,7 +354,8 @@ class Trainer:
             from .psm import overlay
 
             first = maps[:, 0] if maps.dim() == 4 else maps  # video maps: first latent frame
-            save_grid(overlay(frames, first.to(frames.device)), folder / f"maps{it:06d}.png",
+            heat = overlay(frames, first.to(frames.device))  # (N, h, w, 3) uint8
+            save_grid(heat.permute(0, 3, 1, 2).float() / 255, folder / f"maps{it:06d}.png",
                       nrow=self.cfg.sample.group_size)
 
     # ------------------------------------------------------------------ checkpoint
