@@ -291,3 +291,60 @@ def test_bad_config_fails_before_loading(args, field, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config error" in err and field in err, err
     assert not any(tmp_path.iterdir())  # nothing created, nothing loaded
+
+
+# ---- further trainer paths ------------------------------------------------------------------
+def test_nonfinite_reward_drops_the_group(worlds, tmp_path, monkeypatch):
+    """A reward that is NaN for the first sample: drop_group drops its group, trains on the
+    rest and counts it; the default (raise) stops naming the sample."""
+    (tmp_path / "nan_reward.py").write_text(
+        "import torch\n"
+        "def factory(cfg, device):\n"
+        "    def fn(images, prompts):\n"
+        "        r = images.mean(dim=(1, 2, 3)).clone()\n"
+        "        r[0] = float('nan')\n"
+        "        return r\n"
+        "    return fn\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = make_cfg("sd3", worlds, tmp_path, reward=["nan_reward:factory"],
+                   nonfinite_reward="drop_group")
+    trainer, result, *rest = run_two_steps(cfg)
+    rows = check_run(trainer, result, *rest)
+    assert all(r["dropped_groups"] == 1 for r in rows)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    from vipo.train import Trainer
+
+    trainer = Trainer(make_cfg("sd3", worlds, tmp_path, reward=["nan_reward:factory"],
+                               run_name="raise"))
+    roll = trainer.sample()
+    with pytest.raises(ValueError, match="reward 'nan_reward:factory' of sample 0"):
+        trainer.advantages(roll, trainer.score(roll))
+
+
+def test_vipo_mean_one_maps_sum_rewards_batch_std(worlds, tmp_path):
+    cfg = make_cfg("sd3", worlds, tmp_path, algorithm="vipo", map_norm="mean_one",
+                   reward=["redness", "jpeg_incompressibility"], reward_weights=[1.0, 0.01],
+                   multi_reward="sum_rewards", std_scope="batch", eps_std=1e-4)
+    rows = check_run(*run_two_steps(cfg))
+    assert rows[0]["map_mean"] < 1  # raw min-max maps are logged; the loss sees M / mean M
+
+
+def test_default_command_runs_the_tiny_preset(tmp_path, monkeypatch, capsys):
+    """`python -m vipo.train` with no arguments = the tiny preset; here cut to 2 iterations
+    and with the tiny world built in a temporary cache."""
+    from vipo.train import main
+
+    monkeypatch.setenv("VIPO_TINY_CACHE", str(tmp_path / "cache"))
+    assert main(["iterations=2", f"output_dir={tmp_path / 'runs'}", "run_name=default",
+                 "progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert "vipo.train: 2 iterations in" in out and "reward_mean" in out
+    run = tmp_path / "runs" / "default"
+    assert len(read_metrics(run / "metrics.csv")) == 2
+    assert (run / "samples" / "maps000001.png").is_file()  # the last iteration's overlay
+    assert (tmp_path / "cache" / "sd3" / "TINY_WORLD").is_file()
+    assert (tmp_path / "cache" / "dinov2" / "config.json").is_file()
+    assert Config.from_yaml(run / "config.yaml").train.iterations == 2
