@@ -91,7 +91,6 @@ def test_override_errors_name_the_key(override, message):
     (["arch=wan", "num_frames=4"], "model.num_frames"),
     (["train_batch_size=3"], "train.grad_accum"),
     (["grad_accum=32"], "train.grad_accum"),
-    (["nonfinite_reward=drop_group", "grad_accum=16"], "train.grad_accum"),
     (["reward_weights=1,2"], "reward.reward_weights"),
     (["reward_weights=-1"], "reward.reward_weights"),
     (["map_floor=2"], "psm.map_floor"),

@@ -16,7 +16,7 @@ import torch
 class Advantages:
     values: torch.Tensor       # (N, K) float32: one column per loss term
     weights: list              # K loss weights (per_reward: the reward weights; sum: [1])
-    keep: torch.Tensor         # (N,) bool: samples whose group survived
+    keep: torch.Tensor         # (N,) bool: samples whose group survived (others: A = 0)
     zero_std_groups: int       # groups whose rewards were all equal (their A = 0)
     dropped_groups: int        # groups dropped for a non-finite reward
 

@@ -333,12 +333,6 @@ def _check_batches(cfg: Config) -> None:
           f"must be a multiple of train.train_batch_size={t.train_batch_size}", t.grad_accum)
     _need(n % t.grad_accum == 0, "train.grad_accum", f"must divide the {n} samples per "
           f"iteration (prompts_per_iter x group_size)", t.grad_accum)
-    if cfg.reward.nonfinite_reward == "drop_group":
-        # A dropped group would leave a partial accumulation; one optimiser step per group
-        # keeps every step whole.
-        _need(cfg.sample.group_size % t.grad_accum == 0, "train.grad_accum",
-              "must divide sample.group_size when reward.nonfinite_reward=drop_group",
-              t.grad_accum)
 
 
 def _check_rewards(cfg: Config) -> None:

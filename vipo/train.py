@@ -225,11 +225,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ optimize
     def optimize(self, roll, adv, maps, map_scale) -> dict:
-        """Recompute + loss on |S_i| steps of every kept sample; accelerate accumulates
+        """Recompute + loss on |S_i| steps of every sample; accelerate accumulates
         grad_accum samples x |S_i| steps per optimiser step (METHOD.md 7)."""
         t, acc = self.cfg.train, self.accelerator
-        keep = torch.nonzero(adv.keep).flatten()
-        order = keep[torch.randperm(len(keep), generator=_cpu_gen(self.rng))]
+        # Dropped groups stay in the loop with A = 0 (no clip-loss gradient): every process
+        # then runs the same number of backward passes, which DDP/FSDP need to stay in step.
+        order = torch.randperm(roll.num_samples, generator=_cpu_gen(self.rng))
         steps = self._train_steps(roll.num_samples)  # (N, |S|)
         # Clip here, then fold the mean_one map factor in (normalise_maps); the kernel's own
         # clip then bounds |A| * scale, i.e. is a no-op.
