@@ -38,7 +38,9 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    threads = torch.get_num_threads()  # the tiny preset sets 1 (run.cpu_threads)
     yield
+    torch.set_num_threads(threads)
 
 
 def make_cfg(arch, worlds, tmp_path, **overrides) -> Config:
