@@ -39,7 +39,7 @@ class Adapter:
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
-        if self.vae_fp32:
+        if self.vae_fp32 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(torch.float32)
         self.pipe.to(device)
         self.use_cfg = self.true_cfg and cfg.guidance_scale > 1.0
