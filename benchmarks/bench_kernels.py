@@ -1,4 +1,5 @@
-"""Fused loss (forward + backward) and SDE step against eager and compiled torch.
+"""GPU: fused loss (forward + backward) and SDE step of the Triton and CUDA backends
+against eager and compiled torch (the CPU counterpart is bench_cpu.py).
 
     pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/<device>.json
 
@@ -17,17 +18,16 @@ from vipo_kernels.reference import sde_step_reference, vipo_loss_reference
 from .inputs import loss_bytes, loss_inputs, step_bytes
 from .shapes import SHAPES
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = [b for b in (("triton", "cuda") if DEVICE == "cuda" else ("cpp",))
-           if backends.available(b)]
+DEVICE = "cuda"
+KERNELS = [b for b in ("triton", "cuda") if backends.available(b)]
 IMPLS = ["torch-eager", "torch-compile", *KERNELS]
-DTYPES = [torch.bfloat16, torch.float32] if DEVICE == "cuda" else [torch.float32]
+DTYPES = [torch.bfloat16, torch.float32]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 _compiled = {}
 
 
 def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
 
 
 def _reference_loss_only(*args, **kwargs):

@@ -28,7 +28,7 @@ _SMS: dict[int, int] = {}
 def block_positions(B: int, P: int, device: torch.device) -> int:
     """Positions per thread block: VEC per thread, 32 to 256 threads. The largest block
     that still gives about 4 blocks per SM, so small latents fill the GPU. A heuristic,
-    not tuned on hardware (see benchmarks/cuda_table.py)."""
+    not tuned on hardware (benchmarks/gpu_table.py times it)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count

@@ -17,6 +17,9 @@ from .validation import (as_per_sample, check_float_tensor, check_hyperparameter
                          check_per_position, check_ratio_level, check_values)
 
 SDE_KINDS = ("dance", "flow")
+# Order of the statistics vector the kernel paths build (the partials' column order).
+KERNEL_STATS = ("loss_clip", "loss_kl", "clip_frac_low", "clip_frac_high", "approx_kl",
+                "ratio_mean", "ratio_min", "ratio_max")
 
 
 def sde_coefficients(sigma, sigma_next, *, kind="dance", eta=0.3, noise_level=0.7):
@@ -131,12 +134,11 @@ def _position_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, 
     partials = impl.loss_position(v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad,
                                   clip_range=hp["clip_range"], kl_coef=hp["kl_coef"],
                                   grad_scale=1.0 / (batch * positions))
-    sums = partials[..., :6].to(torch.float64).sum(dim=(0, 1))
-    count = batch * positions
-    return torch.stack([
-        sums[2] / count, sums[3] / count, 0.5 * sums[4] / count, sums[5] / count,
-        partials[..., 6].amin().to(torch.float64), partials[..., 7].amax().to(torch.float64),
-        sums[0] / count, hp["kl_coef"] * sums[1] / count])
+    rows = partials.reshape(-1, partials.shape[-1]).to(torch.float64)
+    # Columns [term, kl, n_low, n_high, sum log^2, sum rho, min, max]: KERNEL_STATS order.
+    scale = rows.new_tensor([1.0, hp["kl_coef"], 1.0, 1.0, 0.5, 1.0]) / (batch * positions)
+    return torch.cat([rows[:, :6].sum(dim=0) * scale,
+                      torch.stack([rows[:, 6].amin(), rows[:, 7].amax()])])
 
 
 def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
@@ -161,8 +163,9 @@ def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp
                                        grad_scale=1.0 / (batch * positions))
         kl = hp["kl_coef"] * kl_partials.to(torch.float64).sum() / (batch * positions)
     return torch.stack([
-        (ratio < 1.0 - eps).to(torch.float64).mean(), (ratio > 1.0 + eps).to(torch.float64).mean(),
-        0.5 * (log_ratio**2).mean(), ratio.mean(), ratio.min(), ratio.max(), loss_clip, kl])
+        loss_clip, kl, (ratio < 1.0 - eps).to(torch.float64).mean(),
+        (ratio > 1.0 + eps).to(torch.float64).mean(), 0.5 * (log_ratio**2).mean(), ratio.mean(),
+        ratio.min(), ratio.max()])
 
 
 class ViPOLossFunction(torch.autograd.Function):
@@ -181,7 +184,7 @@ class ViPOLossFunction(torch.autograd.Function):
         ctx.output_shape = model_output.shape
         stats32 = stats.to(torch.float32)
         ctx.mark_non_differentiable(stats32)
-        return (stats[6] + stats[7]).to(torch.float32), stats32
+        return (stats[0] + stats[1]).to(torch.float32), stats32
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -257,7 +260,8 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
           "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
     loss, stats = _kernel_loss(impl, model_output, sample, next_sample, old_log_prob, advantages,
                                allocation_map, cs, co, sd, ref, hp)
-    return loss, dict(zip(STAT_NAMES, stats.unbind()))
+    values = dict(zip(KERNEL_STATS, stats.unbind()))
+    return loss, {name: values[name] for name in STAT_NAMES}
 
 
 # Kernel launches stay opaque to torch.compile: Dynamo would otherwise trace into the

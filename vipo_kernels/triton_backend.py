@@ -107,11 +107,14 @@ def _vipo_loss_position_kernel(
     mean = cs * z + co * v
     diff = tl.where(mask, x - mean, 0.0)
 
-    # Log-ratio per position (METHOD.md 2-3); the constants cancel against old only
-    # after they are added back, since old holds the full log-density.
-    old = tl.load(old_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-    log_ratio = -0.5 * inv_var * tl.sum(diff * diff, axis=0) - C * (tl.log(std) + HALF_LOG_2PI) - old
-    log_ratio = tl.where(mask_p, log_ratio, 0.0)
+    # Log-ratio per position (METHOD.md 2-3). l(p) and old are O(C) while their difference
+    # is O(eps), so this per-position chain runs in fp64: in fp32 the rounding of the
+    # constant alone shifts every ratio of a sample alike, by ~1e-5 at C = 64.
+    old = tl.load(old_ptr + b * P + offs_p, mask=mask_p, other=0.0).to(tl.float64)
+    std64 = std.to(tl.float64)
+    sq = tl.sum((diff * diff).to(tl.float64), axis=0)
+    log_ratio = -0.5 * sq / (std64 * std64) - C * (tl.log(std64) + HALF_LOG_2PI) - old
+    log_ratio = tl.where(mask_p, log_ratio, 0.0).to(tl.float32)
     ratio = tl.exp(log_ratio)
     if HAS_MAP:
         dense_adv = adv * tl.load(map_ptr + b * P + offs_p, mask=mask_p, other=0.0)

@@ -83,16 +83,22 @@ def check_hyperparameters(clip_range, adv_clip, kl_coef) -> None:
 def check_values(std: torch.Tensor, advantages: torch.Tensor | None = None,
                  allocation_map: torch.Tensor | None = None,
                  old_log_prob: torch.Tensor | None = None) -> None:
-    """One host sync for every value check; raises naming the first bad argument."""
-    checks = [("std", "must be finite and > 0", ~(torch.isfinite(std) & (std > 0)))]
+    """One host sync for every value check; raises naming the first bad argument.
+
+    Each check is a single reduction: NaN and inf propagate through ``sum``, ``amin`` and
+    ``amax``, so a non-finite sum or an extremum outside the range flags the tensor."""
+    checks = [("std", "must be finite and > 0", ~(torch.isfinite(std) & (std > 0)).all())]
     if advantages is not None:
-        checks.append(("advantages", "contains NaN or inf", ~torch.isfinite(advantages)))
+        checks.append(("advantages", "contains NaN or inf", ~torch.isfinite(advantages.sum())))
     if allocation_map is not None:
-        bad = ~((allocation_map >= 0) & (allocation_map <= 1))  # also catches NaN
-        checks.append(("allocation_map", "must lie in [0, 1] (and not be NaN)", bad))
+        low, high = torch.aminmax(allocation_map)
+        checks.append(("allocation_map", "must lie in [0, 1] (and not be NaN)",
+                       ~((low >= 0) & (high <= 1))))
     if old_log_prob is not None:
-        checks.append(("old_log_prob", "contains NaN or inf", ~torch.isfinite(old_log_prob)))
-    flags = torch.stack([bad.any() for _, _, bad in checks]).tolist()
+        # float64 sum: a float32 sum of many large finite log-probs could overflow to inf.
+        checks.append(("old_log_prob", "contains NaN or inf",
+                       ~torch.isfinite(old_log_prob.sum(dtype=torch.float64))))
+    flags = torch.stack([bad for _, _, bad in checks]).tolist()
     for (name, message, _), flag in zip(checks, flags):
         if flag:
             raise ValueError(f"{name} {message}")
