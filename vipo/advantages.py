@@ -1,0 +1,100 @@
+"""Group advantages (METHOD.md 5) and allocation-map normalisation (METHOD.md 6).
+
+A_i = (r_i - mean_g) / (std_g + eps_std), std unbiased (divisor G - 1). A group whose
+rewards are all equal gets A = 0 and is counted; a non-finite reward raises naming the
+sample, or drops its group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Advantages:
+    values: torch.Tensor       # (N, K) float32: one column per loss term
+    weights: list              # K loss weights (per_reward: the reward weights; sum: [1])
+    keep: torch.Tensor         # (N,) bool: samples whose group survived (others: A = 0)
+    zero_std_groups: int       # groups whose rewards were all equal (their A = 0)
+    dropped_groups: int        # groups dropped for a non-finite reward
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, weights: list, *,
+                     mode: str = "per_reward", eps_std: float = 1e-8,
+                     nonfinite: str = "raise", batch_std: torch.Tensor | None = None,
+                     names: list | None = None) -> Advantages:
+    """Advantages of rewards (N, K) for samples in groups (N,) of equal size.
+
+    ``mode``: ``per_reward`` normalises each reward column on its own (K loss terms weighted
+    by ``weights``); ``sum_rewards`` normalises the weighted sum (one term).
+    ``batch_std``: (K',) std to use instead of each group's (Flow-GRPO's std over the whole
+    iteration); computed by the caller so that it can span processes.
+    """
+    rewards = rewards.to(torch.float32)
+    if rewards.dim() != 2 or rewards.shape[0] != groups.shape[0]:
+        raise ValueError(f"rewards must have shape (N, K) with N = len(groups), got "
+                         f"{tuple(rewards.shape)} for {groups.shape[0]} samples")
+    keep, dropped = _finite_groups(rewards, groups, nonfinite, names)
+    if mode == "sum_rewards":
+        rewards = (rewards * torch.tensor(weights, dtype=torch.float32)).sum(dim=1, keepdim=True)
+        weights = [1.0]
+    elif mode != "per_reward":
+        raise ValueError(f"mode must be 'per_reward' or 'sum_rewards', got {mode!r}")
+    values = torch.zeros_like(rewards)
+    zero_std = 0
+    for g in torch.unique(groups[keep]):
+        idx = (groups == g) & keep
+        r = rewards[idx]  # (G, K)
+        if r.shape[0] < 2:
+            raise ValueError(f"group {int(g)} has {r.shape[0]} sample; advantages need >= 2")
+        std = r.std(dim=0, unbiased=True) if batch_std is None else batch_std
+        # A reward that is equal across the group gives A = 0 whatever the std (METHOD.md 5);
+        # exact comparison, since a float std of equal values may be a rounding residue.
+        constant = (r == r[:1]).all(dim=0)  # (K,)
+        zero_std += int(constant.any())
+        values[idx] = torch.where(constant, 0.0, (r - r.mean(dim=0)) / (std + eps_std))
+    return Advantages(values, list(weights), keep, zero_std, dropped)
+
+
+def _finite_groups(rewards, groups, nonfinite, names):
+    finite = torch.isfinite(rewards).all(dim=1)  # (N,)
+    if bool(finite.all()):
+        return torch.ones_like(finite), 0
+    bad = int(torch.nonzero(~finite)[0])
+    column = int(torch.nonzero(~torch.isfinite(rewards[bad]))[0])
+    what = f"reward {names[column]!r}" if names else f"reward column {column}"
+    if nonfinite == "raise":
+        raise ValueError(f"{what} of sample {bad} (group {int(groups[bad])}) is "
+                         f"{float(rewards[bad, column])}; set reward.nonfinite_reward="
+                         f"drop_group to drop such groups instead")
+    bad_groups = torch.unique(groups[~finite])
+    keep = ~torch.isin(groups, bad_groups)
+    return keep, int(bad_groups.numel())
+
+
+def normalise_maps(maps: torch.Tensor, mode: str, floor: float = 0.0):
+    """Applies ``map_norm`` to maps (N, *S) in [0, 1]; returns (maps, scale).
+
+    The loss kernel takes maps in [0, 1], so ``mean_one`` (M / mean M, which may exceed 1) is
+    returned as M / max(M) together with the per-sample factor max(M) / mean(M) (N,) that the
+    caller folds into the (already clipped) advantage: the product A * M is unchanged.
+    """
+    flat = maps.flatten(1)
+    ones = torch.ones(maps.shape[0], dtype=maps.dtype, device=maps.device)
+    if mode == "minmax":
+        return maps, ones
+    if mode == "floor":
+        return floor + (1.0 - floor) * maps, ones
+    if mode == "mean_one":
+        mean = flat.mean(dim=1)
+        peak = flat.amax(dim=1)
+        # An all-zero map carries no allocation: treat it as uniform (M = 1), like the PSM's
+        # constant-map rule (METHOD.md 6).
+        empty = peak <= 0
+        view = (-1,) + (1,) * (maps.dim() - 1)
+        scaled = torch.where(empty.view(view), torch.ones_like(maps), maps / peak.clamp_min(1e-12)
+                             .view(view))
+        return scaled, torch.where(empty, ones, peak / mean.clamp_min(1e-12))
+    raise ValueError(f"map_norm must be 'minmax', 'mean_one' or 'floor', got {mode!r}")

@@ -1,0 +1,521 @@
+"""Trainer configuration: dataclasses, named presets, YAML files and ``key=value`` overrides.
+
+Every field carries its help text in ``metadata["help"]`` (units, choices, interactions);
+``python -m vipo.train --help`` prints them. Field names are unique across sections, so an
+override may name a field alone (``lr=1e-5``) or with its section (``train.lr=1e-5``).
+``validate()`` runs before any model is loaded and names the offending field.
+
+Preset values follow ../shared/docs/METHOD.md section 8 (``flux_vipo``, ``wan_vipo``,
+``sd35_flowgrpo``); ``tiny`` is the embedded CPU default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Wan's default negative prompt (Wan2.1 shared_config.sample_neg_prompt), used with CFG.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (and allowed values, checked by validate())."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("sd3", "adapter (vipo/adapters/<arch>.py): sd3 (SD3/3.5), flux (FLUX.1), "
+                   "wan (Wan 2.1 text-to-video)", ("sd3", "flux", "wan"))
+    path: str = _f("tiny", "hub id or local diffusers pipeline folder; 'tiny' builds the "
+                   "embedded random-weight tiny world for `arch` (vipo/tiny.py)")
+    height: int = _f(64, "output height in pixels (multiple of 16)")
+    width: int = _f(64, "output width in pixels (multiple of 16)")
+    num_frames: int = _f(1, "frames per sample; video models need (num_frames - 1) % 4 == 0")
+    guidance_scale: float = _f(1.0, "flux: distilled guidance input (3.5 for FLUX.1-dev); sd3/wan:"
+                               " true CFG scale, unconditional branch without grad (1 = off)")
+    negative_prompt: str = _f("", "negative prompt of the CFG unconditional branch (sd3, wan)")
+    max_sequence_length: int = _f(512, "T5 token length of prompt embeddings")
+    precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU "
+                        "only: bf16 on CPU is ~25x slower, ENV.md)", ("auto", "fp32", "bf16"))
+    gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = _f(8, "T_s: SDE sampling steps per rollout (>= 2; the last is not trained)")
+    sigma_schedule: str = _f("dance", "dance: s_k = 1 - k/T_s, shifted (DanceGRPO/ViPO); "
+                             "diffusers: FlowMatchEulerDiscreteScheduler's levels (Flow-GRPO), "
+                             "METHOD.md 1", ("dance", "diffusers"))
+    shift: float = _f(3.0, "timestep shift: sigma = shift*s / (1 + (shift - 1)*s)")
+    timestep_input: str = _f("int", "model timestep 1000*sigma: int truncates it (DanceGRPO/ViPO),"
+                             " float passes it as is (Flow-GRPO); step maths always uses the "
+                             "untruncated sigma", ("int", "float"))
+    sde: str = _f("dance", "SDE noise form: dance (eta) or flow (noise_level a), METHOD.md 1",
+                  ("dance", "flow"))
+    eta: float = _f(0.3, "DanceGRPO noise scale eta (sde=dance)")
+    noise_level: float = _f(0.7, "Flow-GRPO noise level a (sde=flow)")
+    group_size: int = _f(12, "G: samples per prompt; advantages are normalised within a group")
+    prompts_per_iter: int = _f(1, "prompts drawn per iteration on each process")
+    same_init_noise: bool = _f(True, "a group shares z_0 and differs only in SDE noise")
+    sample_batch_size: int = _f(12, "rollout micro-batch (samples per forward pass)")
+    decode_from: str = _f("x0_pred", "x0_pred: decode x0 of the last step (DanceGRPO/ViPO); "
+                          "last_sample: decode z_T (Flow-GRPO)", ("x0_pred", "last_sample"))
+    prompts: str = _f("builtin", "prompt source: 'builtin' (a short in-code list) or a .txt "
+                      "file with one prompt per line (e.g. HPDv2 or VidProM prompts)")
+
+
+@dataclass
+class RewardConfig:
+    reward: list = _f(["redness"], "reward names, comma separated: registry names (redness, "
+                      "jpeg_compressibility, jpeg_incompressibility, clip_score, pickscore, "
+                      "hpsv2, imagereward) or module:function factories")
+    reward_weights: list = _f([], "one weight per reward (> 0); empty means all 1")
+    multi_reward: str = _f("per_reward", "per_reward: one advantage and loss term per reward "
+                           "(METHOD.md 5); sum_rewards: weighted sum, then one advantage",
+                           ("per_reward", "sum_rewards"))
+    eps_std: float = _f(1e-8, "added to the reward std in the advantage (Flow-GRPO: 1e-4)")
+    std_scope: str = _f("group", "std of the advantage: group (DanceGRPO/ViPO) or batch, all "
+                        "rewards of the iteration on all processes (Flow-GRPO)",
+                        ("group", "batch"))
+    nonfinite_reward: str = _f("raise", "a NaN/inf reward raises naming the sample, or "
+                               "drop_group drops its group and counts it", ("raise", "drop_group"))
+    clip_model: str = _f("openai/clip-vit-large-patch14", "CLIPModel folder or hub id for "
+                         "clip_score")
+    pickscore_model: str = _f("yuvalkirstain/PickScore_v1", "CLIPModel folder or hub id for "
+                              "pickscore")
+    pickscore_processor: str = _f("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIPProcessor "
+                                  "folder or hub id for pickscore")
+    video_aggregate: str = _f("mean", "how per-frame image rewards become a video reward",
+                              ("mean", "min", "max"))
+    video_frame_stride: int = _f(1, "score every n-th frame of a video")
+
+
+@dataclass
+class PSMConfig:
+    backbone: str = _f("facebook/dinov2-large", "PSM vision backbone folder or hub id; 'tiny' "
+                       "builds the embedded random Dinov2Model (vipo/tiny.py)")
+    n_components: int = _f(3, "K: PCA components of the allocation map (METHOD.md 6)")
+    aggregation: str = _f("weighted", "weighted (by explained variance), average, first_pc",
+                          ("weighted", "average", "first_pc"))
+    psm_sigma: float = _f(1.0, "Gaussian smoothing of the patch map, in patches (0 = off)")
+    temporal_sigma: float = _f(0.3, "video: Gaussian smoothing of the map along latent time, "
+                               "in latent frames (METHOD.md 6)")
+    joint_pca: bool = _f(False, "video: one PCA basis over all frames of a clip (beyond the "
+                         "paper; stops per-frame flicker)")
+    map_norm: str = _f("minmax", "minmax (paper); mean_one: M/mean(M); floor: alpha + (1 - "
+                       "alpha) M (METHOD.md 6)", ("minmax", "mean_one", "floor"))
+    map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = _f("vipo", "vipo: advantage x PSM map; grpo: plain GRPO (map = 1)",
+                        ("vipo", "grpo"))
+    ratio_level: str = _f("position", "likelihood ratio per latent position (ViPO) or per "
+                          "sample (Flow-GRPO/DanceGRPO), METHOD.md 3", ("position", "sample"))
+    clip_range: float = _f(1e-4, "PPO epsilon; see METHOD.md 11.2 for the position level")
+    adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
+    kl_coef: float = _f(0.0, "weight of the exact Gaussian KL to the initial model (METHOD.md 4"
+                        "); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here")
+    timestep_fraction: float = _f(0.6, "share of the T_s - 1 trainable steps trained per sample")
+    timestep_order: str = _f("random", "random: a random subset per sample, "
+                             "floor((T_s-1)*fraction) steps (DanceGRPO/ViPO); first: the first "
+                             "min(T_s-1, floor(T_s*fraction)) steps in order (Flow-GRPO)",
+                             ("random", "first"))
+    train_batch_size: int = _f(1, "training micro-batch (samples per forward/backward)")
+    grad_accum: int = _f(4, "samples per optimiser step (a multiple of train_batch_size)")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip before each optimiser step")
+    lr: float = _f(1e-5, "AdamW learning rate (constant, no warm-up)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    lora_rank: int = _f(0, "0: full fine-tuning; > 0: LoRA of this rank through peft")
+    lora_alpha: float = _f(0.0, "LoRA alpha (0 means 2 * lora_rank)")
+    lora_targets: list = _f([], "LoRA target module names (empty: the adapter's default)")
+    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off; Flow-GRPO: 0.9)")
+    ema_every: int = _f(1, "optimiser steps between EMA updates (Flow-GRPO: 8)")
+    iterations: int = _f(300, "outer iterations (rollout + optimisation)")
+    seed: int = _f(0, "seed of prompts, noise and step subsets (offset by process index)")
+    kernel_backend: str = _f("auto", "vipo_kernels backend", ("auto", "torch", "triton", "cpp",
+                                                              "cuda"))
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs", "parent folder of run folders")
+    run_name: str = _f("", "run folder name (empty: <preset>-<date>-<time>)")
+    image_every: int = _f(10, "iterations between sample grids and map overlays (0 = never)")
+    checkpoint_every: int = _f(0, "iterations between checkpoints (0 = only at the end, "
+                               "-1 = never)")
+    tensorboard: bool = _f(True, "also write TensorBoard event files")
+    progress: bool = _f(True, "show the tqdm progress bar")
+    cpu_threads: int = _f(0, "torch intra-op threads when running on the CPU (0: torch's "
+                          "default); tiny models run faster on 1 thread than on 2 shared cores")
+
+
+SECTIONS = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig,
+            "psm": PSMConfig, "train": TrainConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    psm: PSMConfig = field(default_factory=PSMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str) -> "Config":
+        """A named preset (``tiny``, ``flux_vipo``, ``wan_vipo``, ``sd35_flowgrpo``)."""
+        if name not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        cfg = cls(preset=name)
+        cfg.update(PRESETS[name])
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path) -> "Config":
+        """A YAML file: an optional ``preset`` key, then sections or flat field names."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        cfg = cls.from_name(data.pop("preset", "tiny"))
+        cfg.update(data)
+        return cfg
+
+    def update(self, values: dict) -> None:
+        """Sets fields from ``{section: {field: value}}`` and/or ``{field: value}``."""
+        for key, value in values.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for name, v in value.items():
+                    self.set(f"{key}.{name}", v)
+            else:
+                self.set(key, value)
+
+    def set(self, key: str, value) -> None:
+        """Sets one field; ``value`` may be a string from the command line."""
+        section, name = resolve_key(key)
+        hint = _field_types(type(getattr(self, section)))[name]
+        setattr(getattr(self, section), name, parse_value(f"{section}.{name}", value, hint))
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            self.set(key.strip(), value)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    # ---- derived values -----------------------------------------------------------------
+    @property
+    def samples_per_iter(self) -> int:
+        return self.sample.prompts_per_iter * self.sample.group_size
+
+    @property
+    def train_steps_per_sample(self) -> int:
+        """|S_i|: trained SDE steps per sample (METHOD.md 7)."""
+        n_trainable = self.sample.num_steps - 1
+        if self.train.timestep_order == "first":
+            return min(n_trainable, int(self.sample.num_steps * self.train.timestep_fraction))
+        return int(n_trainable * self.train.timestep_fraction)
+
+    @property
+    def reward_weights(self) -> list[float]:
+        return [float(w) for w in self.reward.reward_weights] or [1.0] * len(self.reward.reward)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Checks every value before anything is loaded; raises ConfigError naming the field."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                choices = f.metadata.get("choices")
+                if choices and getattr(obj, f.name) not in choices:
+                    raise ConfigError(f"{section}.{f.name} must be one of {', '.join(choices)}; "
+                                      f"got {getattr(obj, f.name)!r}")
+        _check_numbers(self)
+        _check_shapes(self)
+        _check_batches(self)
+        _check_rewards(self)
+        if self.train.algorithm == "vipo":
+            _check_psm()
+        return self
+
+
+def _need(ok: bool, key: str, message: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}; got {value!r}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    s, t, p, r = cfg.sample, cfg.train, cfg.psm, cfg.reward
+    for key, value in [("sample.num_steps", s.num_steps), ("sample.group_size", s.group_size),
+                       ("sample.prompts_per_iter", s.prompts_per_iter),
+                       ("sample.sample_batch_size", s.sample_batch_size),
+                       ("train.train_batch_size", t.train_batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.iterations", t.iterations),
+                       ("train.ema_every", t.ema_every), ("psm.n_components", p.n_components),
+                       ("reward.video_frame_stride", r.video_frame_stride)]:
+        _need(value >= 1, key, "must be >= 1", value)
+    _need(cfg.run.cpu_threads >= 0, "run.cpu_threads", "must be >= 0", cfg.run.cpu_threads)
+    _need(s.num_steps >= 2, "sample.num_steps", "must be >= 2 (the last step is never trained)",
+          s.num_steps)
+    _need(s.group_size >= 2, "sample.group_size", "must be >= 2 (the advantage needs a group "
+          "std)", s.group_size)
+    for key, value in [("sample.shift", s.shift), ("sample.eta", s.eta),
+                       ("sample.noise_level", s.noise_level), ("train.clip_range", t.clip_range),
+                       ("train.adv_clip", t.adv_clip), ("train.lr", t.lr),
+                       ("train.max_grad_norm", t.max_grad_norm), ("reward.eps_std", r.eps_std),
+                       ("train.adam_eps", t.adam_eps)]:
+        _need(math.isfinite(value) and value > 0, key, "must be a finite number > 0", value)
+    for key, value in [("train.kl_coef", t.kl_coef), ("train.weight_decay", t.weight_decay),
+                       ("psm.psm_sigma", p.psm_sigma), ("train.lora_alpha", t.lora_alpha),
+                       ("psm.temporal_sigma", p.temporal_sigma)]:
+        _need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0", value)
+    for key, value in [("train.timestep_fraction", t.timestep_fraction),
+                       ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
+        _need(0 < value <= 1 if key.endswith("fraction") else 0 <= value < 1, key,
+              "must lie in (0, 1]" if key.endswith("fraction") else "must lie in [0, 1)", value)
+    _need(0 <= p.map_floor <= 1, "psm.map_floor", "must lie in [0, 1]", p.map_floor)
+    _need(0 <= t.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)", t.ema_decay)
+    _need(t.lora_rank >= 0, "train.lora_rank", "must be >= 0", t.lora_rank)
+    _need(cfg.train_steps_per_sample >= 1, "train.timestep_fraction",
+          f"trains no step with num_steps={s.num_steps}; raise it", t.timestep_fraction)
+
+
+def _check_shapes(cfg: Config) -> None:
+    m = cfg.model
+    for key, value in [("model.height", m.height), ("model.width", m.width)]:
+        _need(value >= 16 and value % 16 == 0, key, "must be a positive multiple of 16", value)
+    _need(m.num_frames >= 1, "model.num_frames", "must be >= 1", m.num_frames)
+    if m.arch == "wan":
+        _need((m.num_frames - 1) % 4 == 0, "model.num_frames",
+              "must satisfy (num_frames - 1) % 4 == 0 for Wan's 4x temporal VAE", m.num_frames)
+    else:
+        _need(m.num_frames == 1, "model.num_frames", f"must be 1 for the image model "
+              f"arch={m.arch}", m.num_frames)
+    _need(m.max_sequence_length >= 1, "model.max_sequence_length", "must be >= 1",
+          m.max_sequence_length)
+    _need(m.guidance_scale >= 0, "model.guidance_scale", "must be >= 0", m.guidance_scale)
+
+
+def _check_batches(cfg: Config) -> None:
+    t, n = cfg.train, cfg.samples_per_iter
+    _need(t.grad_accum % t.train_batch_size == 0, "train.grad_accum",
+          f"must be a multiple of train.train_batch_size={t.train_batch_size}", t.grad_accum)
+    _need(n % t.grad_accum == 0, "train.grad_accum", f"must divide the {n} samples per "
+          f"iteration (prompts_per_iter x group_size)", t.grad_accum)
+
+
+def _check_rewards(cfg: Config) -> None:
+    from .rewards import check_reward_name  # light: no model library is imported
+
+    r = cfg.reward
+    _need(len(r.reward) >= 1, "reward.reward", "must name at least one reward", r.reward)
+    for name in r.reward:
+        check_reward_name(name)
+    if r.reward_weights:
+        _need(len(r.reward_weights) == len(r.reward), "reward.reward_weights",
+              f"must have one weight per reward ({len(r.reward)})", r.reward_weights)
+        for w in r.reward_weights:
+            _need(math.isfinite(float(w)) and float(w) > 0, "reward.reward_weights",
+                  "must be finite numbers > 0", r.reward_weights)
+
+
+def _check_psm() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vipo.psm") is None:
+        raise ConfigError("train.algorithm=vipo needs the Perceptual Structuring Module "
+                          "(vipo.psm), which is not installed; use algorithm=grpo")
+
+
+# ---- keys, types and parsing ----------------------------------------------------------------
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """``{field name: (section, Field)}`` over every section."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"field name {f.name} is not unique across sections"
+            out[f.name] = (section, f)
+    return out
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    fields = all_fields()
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; sections: "
+                              f"{', '.join(SECTIONS)}")
+        if name not in fields or fields[name][0] != section:
+            raise ConfigError(f"unknown config field {key!r}; see --help")
+        return section, name
+    if key not in fields:
+        raise ConfigError(f"unknown config field {key!r}; see --help for the field list")
+    return fields[key][0], key
+
+
+def parse_value(key: str, value, hint):
+    """Converts ``value`` (a CLI string or a YAML value) to the field type ``hint``."""
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if hint is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: cannot use {value!r} ({err})") from None
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def help_text() -> str:
+    """The ``--help`` listing: usage, presets, then every field with its default and help."""
+    lines = [
+        "usage: python -m vipo.train [PRESET | CONFIG.yaml] [key=value ...]",
+        "",
+        "RL post-training (GRPO / ViPO) of diffusers flow-matching generators.",
+        "With no arguments, trains the embedded `tiny` preset on the CPU.",
+        "",
+        f"presets: {', '.join(PRESETS)}",
+        "keys: a field name alone (lr=1e-5) or with its section (train.lr=1e-5); "
+        "lists are comma separated.",
+    ]
+    base = Config()
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(base, section), f.name)
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            lines.append(f"  {f.name} (default {default!r})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ---- presets --------------------------------------------------------------------------------
+PRESETS: dict[str, dict] = {
+    # Embedded CPU default: tiny random SD3-architecture world, redness reward, tiny DINOv2.
+    # Departures from the paper's recipe, chosen by measurement on the development machine
+    # (2 CPU cores) so that the reward visibly moves within minutes: clip_range 0.5 (the
+    # position-level ratios of a random model clip almost everywhere at 1e-4, METHOD.md 11.2),
+    # lr 3e-3 on an 80k-parameter model, eta 0.7, every trainable step trained, one thread.
+    "tiny": {
+        "model": {"arch": "sd3", "path": "tiny", "height": 64, "width": 64,
+                  "max_sequence_length": 64, "precision": "fp32"},
+        "sample": {"num_steps": 6, "shift": 3.0, "eta": 0.7, "group_size": 8,
+                   "prompts_per_iter": 2, "sample_batch_size": 16, "prompts": "builtin"},
+        "reward": {"reward": ["redness"]},
+        "psm": {"backbone": "tiny"},
+        "train": {"algorithm": "vipo", "ratio_level": "position", "lr": 3e-3,
+                  "clip_range": 0.5, "train_batch_size": 4, "grad_accum": 4,
+                  "timestep_fraction": 1.0, "iterations": 600},
+        "run": {"image_every": 50, "cpu_threads": 1},
+    },
+    # METHOD.md 8, column flux_vipo (ViPO's Flux script): FLUX.1-dev, HPSv2.1, DINOv2-L.
+    "flux_vipo": {
+        "model": {"arch": "flux", "path": "black-forest-labs/FLUX.1-dev", "height": 512,
+                  "width": 512, "guidance_scale": 3.5, "max_sequence_length": 512,
+                  "gradient_checkpointing": True},
+        "sample": {"num_steps": 8, "sigma_schedule": "dance", "shift": 3.0, "sde": "dance",
+                   "eta": 0.3, "group_size": 12, "prompts_per_iter": 1, "same_init_noise": True,
+                   "sample_batch_size": 4, "decode_from": "x0_pred"},
+        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8},
+        "psm": {"backbone": "facebook/dinov2-large", "n_components": 3,
+                "aggregation": "weighted", "psm_sigma": 1.0},
+        "train": {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
+                  "adv_clip": 5.0, "timestep_fraction": 0.6, "lr": 1e-5, "grad_accum": 4,
+                  "max_grad_norm": 1.0, "iterations": 300},
+        "run": {"image_every": 10, "checkpoint_every": 50},
+    },
+    # METHOD.md 8, column wan_vipo (ViPO's Wan script); the paper trains the 14B model.
+    "wan_vipo": {
+        "model": {"arch": "wan", "path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "height": 240,
+                  "width": 416, "num_frames": 53, "guidance_scale": 5.0,
+                  "negative_prompt": WAN_NEGATIVE_PROMPT, "max_sequence_length": 512,
+                  "gradient_checkpointing": True},
+        "sample": {"num_steps": 16, "sigma_schedule": "dance", "shift": 8.0, "sde": "dance",
+                   "eta": 0.25, "group_size": 8, "prompts_per_iter": 1, "same_init_noise": True,
+                   "sample_batch_size": 1, "decode_from": "x0_pred"},
+        # The paper's VideoAlign VQ + MQ (1.0/1.0) is not packaged; register it as
+        # module:function and set reward_weights=1,1.
+        "reward": {"reward": ["pickscore"], "eps_std": 1e-8, "video_frame_stride": 4},
+        "psm": {"backbone": "facebook/dinov2-large", "n_components": 3,
+                "aggregation": "weighted", "psm_sigma": 1.0},
+        "train": {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
+                  "adv_clip": 5.0, "timestep_fraction": 0.6, "lr": 5e-6, "grad_accum": 4,
+                  "max_grad_norm": 1.0, "iterations": 10000},
+        "run": {"image_every": 10, "checkpoint_every": 100},
+    },
+    # METHOD.md 8, column sd35_flowgrpo (Flow-GRPO config/grpo.py): the GRPO baseline.
+    # 6 prompts x 24 samples per process on 8 processes gives Flow-GRPO's 48 groups per
+    # epoch; grad_accum = half of a process's 144 samples gives 2 optimiser steps per epoch.
+    "sd35_flowgrpo": {
+        "model": {"arch": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium",
+                  "height": 512, "width": 512, "guidance_scale": 4.5,
+                  "max_sequence_length": 256},
+        "sample": {"num_steps": 10, "sigma_schedule": "diffusers", "shift": 3.0,
+                   "timestep_input": "float", "sde": "flow", "noise_level": 0.7,
+                   "group_size": 24, "prompts_per_iter": 6, "same_init_noise": False,
+                   "sample_batch_size": 8, "decode_from": "last_sample"},
+        "reward": {"reward": ["pickscore"], "eps_std": 1e-4, "std_scope": "batch"},
+        "train": {"algorithm": "grpo", "ratio_level": "sample", "clip_range": 1e-4,
+                  "adv_clip": 5.0, "timestep_fraction": 0.99,
+                  # Flow-GRPO's PickScore kl_coef 0.01 times |delta| / C (METHOD.md 4) with
+                  # the mean trained |delta| ~ 0.11 over 10 steps and C = 16.
+                  "kl_coef": 7e-5,
+                  "timestep_order": "first", "lr": 3e-4, "lora_rank": 32, "lora_alpha": 64,
+                  "train_batch_size": 8, "grad_accum": 72, "max_grad_norm": 1.0,
+                  "ema_decay": 0.9, "ema_every": 8, "iterations": 1000},
+        "run": {"image_every": 10, "checkpoint_every": 50},
+    },
+}

@@ -1,0 +1,113 @@
+"""Run-folder outputs: metrics CSV + TensorBoard, image grids, phase timers, summary line."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class MetricsLogger:
+    """Appends one row per iteration to ``metrics.csv`` (fixed columns, from the first row)
+    and mirrors every scalar to TensorBoard under ``<run>/tensorboard``."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns: list | None = None
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"iteration": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        if self.columns is None:
+            self.columns = list(row)
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise KeyError(f"metrics {sorted(unknown)} were not logged at the first iteration")
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "iteration" and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalar(v) -> float:
+    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.csv rows as dicts of floats (empty cells become NaN)."""
+    with Path(path).open() as f:
+        return [{k: float(v) if v != "" else math.nan for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def save_grid(images: torch.Tensor, path, nrow: int) -> None:
+    """Images (N, 3, H, W) in [0, 1] tiled ``nrow`` per row (one group per row) as PNG."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(3, rows * (h + 2), nrow * (w + 2))
+    for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, nrow)
+        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
+    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase; synchronises CUDA so GPU work is attributed."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+def summary_line(history: list[dict], seconds: float, run_dir, window: int = 5) -> str:
+    """The closing line: iterations, time split, reward at the start and the end."""
+    n = len(history)
+    if n == 0:
+        return f"vipo.train: no iterations run; run folder {run_dir}"
+
+    def mean(key, rows):
+        values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    w = min(window, n)
+    split = ", ".join(f"{p} {mean('time_' + p, history):.2f}"
+                      for p in ("sampling", "reward", "psm", "training"))
+    return (f"vipo.train: {n} iterations in {seconds:.1f} s ({seconds / n:.2f} s/it; {split}); "
+            f"reward_mean {mean('reward_mean', history[:w]):.4f} (first {w}) -> "
+            f"{mean('reward_mean', history[-w:]):.4f} (last {w}); run folder {run_dir}")

@@ -1,0 +1,247 @@
+"""The embedded tiny world: random-weight diffusers/transformers components built in code.
+
+Every builder creates real library classes from small configs (sizes from ENV.md, adjusted
+where noted) and writes them with ``save_pretrained``, so the trainer and the tests load
+them back through the same ``from_pretrained`` path a hub checkpoint takes. Nothing is
+downloaded; tokenizers are built from an in-code character vocabulary.
+
+Weights are random: the tiny default shows the RL machinery working (a rule reward going
+up), not image quality. A later issue gives it pretrained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Byte-level alphabet (GPT-2's bytes_to_unicode): CLIP's ByteLevel pre-tokenizer maps every
+# byte to one of these characters, so a vocabulary over them covers any input text.
+_PRINTABLE = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+    list(range(ord("®"), ord("ÿ") + 1))
+
+
+def _byte_alphabet() -> list[str]:
+    chars, n = [], 0
+    for b in range(256):
+        if b in _PRINTABLE:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return chars
+
+
+_CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
+# Token length of the character-level tokenizers and the tiny text encoders' position
+# tables: long enough for the built-in prompts, one token per character.
+TEXT_LENGTH = 64
+
+
+def clip_tokenizer():
+    """A CLIPTokenizer over single byte-level characters (no merges), built without files."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_alphabet()
+    vocab = {tok: i for i, tok in enumerate(_CLIP_SPECIALS + chars + [c + "</w>" for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_LENGTH)
+
+
+def t5_tokenizer():
+    """A T5Tokenizer (Unigram) over printable characters, built without files."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    printable = [chr(c) for c in range(33, 127)]
+    pieces += [(c, -2.0) for c in printable] + [("▁" + c, -1.5) for c in printable]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=TEXT_LENGTH)
+
+
+def _clip_text_config(tokenizer, hidden=32, projection=32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=2,
+                          max_position_embeddings=TEXT_LENGTH, projection_dim=projection,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def _t5_config(tokenizer, d_model):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model,
+                    num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                    decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+
+
+def _image_vae(latent_channels: int, *, shift: float | None):
+    """AutoencoderKL with 3 down blocks (8x) and narrow channels: ENV.md's (32,32,64,64)
+    costs seconds per decode on 2 cores; (8,16,16,16) keeps the 8x factor of the real VAEs."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                         norm_num_groups=8, sample_size=64, scaling_factor=1.5305,
+                         shift_factor=shift)
+    # Output gain: a freshly initialised decoder maps every latent to near mid-grey (pixel
+    # std ~0.05), so no latent is much redder than another (measured: optimising the latents
+    # directly for redness reaches only +0.05). Scaling its last conv by 8 gives decodes that
+    # span the colour range (pixel std ~0.4; the same optimisation reaches +0.34).
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(8.0)
+    return vae
+
+
+def _write(folder: Path, pipe) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "TINY_WORLD").write_text("random weights, built by vipo.tiny\n")
+    return folder
+
+
+def build_sd3(folder, *, seed: int = 0, with_t5: bool = True) -> Path:
+    """Tiny StableDiffusion3Pipeline: two CLIP text encoders with projection, optional T5."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
+    # CLIP hidden states (32 + 32) are zero-padded to the T5 width, so T5 must be >= 64 wide.
+    # 4 latent channels (SD3 itself has 16): fewer latent dimensions per reward make the
+    # tiny default's policy gradient less noisy.
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4,
+                                        num_layers=2, attention_head_dim=16,
+                                        num_attention_heads=2, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64,
+                                        out_channels=4, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_image_vae(4, shift=0.0609),
+        text_encoder=CLIPTextModelWithProjection(_clip_text_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tok)), tokenizer_2=tok,
+        text_encoder_3=T5EncoderModel(_t5_config(t5_tok, 64)) if with_t5 else None,
+        tokenizer_3=t5_tok if with_t5 else None)
+    return _write(Path(folder), pipe)
+
+
+def build_flux(folder, *, seed: int = 0) -> Path:
+    """Tiny FluxPipeline: 16 latent channels packed 2x2 into 64, guidance embedding on."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(4, 4, 8))
+    pipe = FluxPipeline(transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                        vae=_image_vae(16, shift=0.1159),
+                        text_encoder=CLIPTextModel(_clip_text_config(tok)), tokenizer=tok,
+                        text_encoder_2=T5EncoderModel(_t5_config(t5_tok, 32)),
+                        tokenizer_2=t5_tok)
+    return _write(Path(folder), pipe)
+
+
+def build_wan(folder, *, seed: int = 0) -> Path:
+    """Tiny WanPipeline: UMT5 text encoder, 3-D transformer, causal video VAE (4x in time)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    t5_tok = t5_tokenizer()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(t5_tok), d_model=16, d_kv=8, d_ff=32,
+                                       num_layers=2, num_heads=2,
+                                       relative_attention_num_buckets=8,
+                                       pad_token_id=t5_tok.pad_token_id,
+                                       eos_token_id=t5_tok.eos_token_id,
+                                       decoder_start_token_id=0))
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
+                                        attention_head_dim=12, in_channels=16, out_channels=16,
+                                        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanPipeline(tokenizer=t5_tok, text_encoder=text, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0))
+    return _write(Path(folder), pipe)
+
+
+def build_dinov2(folder, *, seed: int = 0, patch_size: int = 8) -> Path:
+    """Tiny Dinov2Model (hidden 32, 2 layers) with its image processor, for the PSM.
+
+    patch_size 8 instead of DINOv2's 14 gives a 8x8 patch grid on 64 px images."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, patch_size=patch_size, image_size=64))
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    BitImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_center_crop=False).save_pretrained(folder)
+    return folder
+
+
+def build_clip(folder, *, seed: int = 0) -> Path:
+    """Tiny CLIPModel + CLIPProcessor for the clip_score and pickscore rewards."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              CLIPVisionConfig)
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    config = CLIPConfig(text_config=_clip_text_config(tok).to_dict(),
+                        vision_config=vision.to_dict(), projection_dim=32)
+    folder = Path(folder)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32},
+                                         crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan}
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("VIPO_TINY_CACHE", Path.home() / ".cache" / "vipo" / "tiny"))
+
+
+def ensure_world(arch: str, root=None) -> Path:
+    """Folder of the tiny ``arch`` pipeline (``sd3``, ``flux`` or ``wan``), built on first use.
+
+    A ``TINY_WORLD`` marker written last makes a half-written folder get rebuilt."""
+    if arch not in BUILDERS:
+        raise ValueError(f"tiny world arch must be one of {sorted(BUILDERS)}, got {arch!r}")
+    folder = Path(root or default_cache()) / arch
+    if not (folder / "TINY_WORLD").exists():
+        BUILDERS[arch](folder)
+    return folder
+
+
+def ensure_backbone(root=None) -> Path:
+    folder = Path(root or default_cache()) / "dinov2"
+    if not (folder / "config.json").exists():
+        build_dinov2(folder)
+    return folder
+
+
+def describe(folder) -> str:
+    """One line naming a tiny world's transformer class and parameter count, for logs."""
+    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    return f"{cfg['_class_name']} ({cfg.get('num_layers', '?')} layers)"
