@@ -119,7 +119,7 @@ def test_loss_fwd_bwd(benchmark, preset, impl):
                                   for k, a in kwargs.items()})
     ref_loss.backward()
     assert _rel(loss, ref_loss) < 1e-5 and _rel(grad, ref_v.grad) < 1e-5
-    benchmark.pedantic(fwd_bwd, rounds=30, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(fwd_bwd, rounds=100, iterations=1, warmup_rounds=5)
     _record(benchmark, impl, shape, _loss_bytes(shape))
 
 
@@ -148,7 +148,7 @@ def test_loss_kernel_only(benchmark, preset):
     x_ref = v.detach().requires_grad_(True)
     ref = _reference_loss(x_ref, z, x, old, adv, amap, **kwargs)
     assert _rel(partials[..., 0].double().sum() / v3[:, 0].numel(), ref.detach()) < 1e-5
-    benchmark.pedantic(kernel, rounds=30, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(kernel, rounds=100, iterations=1, warmup_rounds=5)
     _record(benchmark, "cpp-kernel", shape, _loss_bytes(shape))
 
 
@@ -162,7 +162,7 @@ def test_step(benchmark, preset, impl):
     nxt, logp = fn(v, z, noise, **kwargs)
     ref_next, ref_logp = sde_step_reference(v, z, noise, **kwargs)
     assert _rel(nxt, ref_next) < 1e-6 and _rel(logp, ref_logp) < 1e-5
-    benchmark.pedantic(lambda: fn(v, z, noise, **kwargs), rounds=30, iterations=1,
+    benchmark.pedantic(lambda: fn(v, z, noise, **kwargs), rounds=100, iterations=1,
                        warmup_rounds=3)
     _record(benchmark, impl, shape, _step_bytes(shape))
 

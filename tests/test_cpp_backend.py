@@ -302,6 +302,7 @@ def test_unbuilt_backend_says_how_to_build(monkeypatch):
     """An extension that fails to import (None in sys.modules makes the import raise,
     as a missing .so does) turns into an error that says how to build it."""
     monkeypatch.setitem(sys.modules, "vipo_kernels.cpp_backend", None)
+    monkeypatch.setattr(backends, "_resolved", {})  # an empty cache, restored afterwards
     assert not backends.available("cpp")
     assert backends.resolve("auto", torch.device("cpu")) is None  # falls back to torch
     case = make_loss_case((2, 3, 4, 5))

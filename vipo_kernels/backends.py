@@ -33,6 +33,7 @@ _HOW_TO_GET = {
 }
 _DEVICES = {"triton": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
 _auto_logged: set[tuple[str, str]] = set()
+_resolved: dict[tuple, ModuleType | None] = {}
 
 
 def _import(name: str) -> ModuleType:
@@ -63,7 +64,15 @@ def _auto(device: torch.device) -> str:
 
 
 def resolve(backend: str, device: torch.device) -> ModuleType | None:
-    """The primitives module for ``backend`` on ``device``, or None for the torch reference."""
+    """The primitives module for ``backend`` on ``device``, or None for the torch reference.
+    Cached per (backend, device type): it runs on every kernel call."""
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"), *_MODULES.values())
+    if key not in _resolved:
+        _resolved[key] = _resolve(backend, device)
+    return _resolved[key]
+
+
+def _resolve(backend: str, device: torch.device) -> ModuleType | None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -134,11 +134,27 @@ def _position_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, 
     partials = impl.loss_position(v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad,
                                   clip_range=hp["clip_range"], kl_coef=hp["kl_coef"],
                                   grad_scale=1.0 / (batch * positions))
-    rows = partials.reshape(-1, partials.shape[-1]).to(torch.float64)
+    rows = partials.reshape(-1, partials.shape[-1])
     # Columns [term, kl, n_low, n_high, sum log^2, sum rho, min, max]: KERNEL_STATS order.
-    scale = rows.new_tensor([1.0, hp["kl_coef"], 1.0, 1.0, 0.5, 1.0]) / (batch * positions)
-    return torch.cat([rows[:, :6].sum(dim=0) * scale,
-                      torch.stack([rows[:, 6].amin(), rows[:, 7].amax()])])
+    sums = rows[:, :6].sum(dim=0, dtype=torch.float64)
+    extrema = torch.stack([rows[:, 6].amin(), rows[:, 7].amax()])
+    scale = _stat_scale(hp["kl_coef"], batch * positions, sums.device)
+    return torch.cat([sums * scale, extrema.to(torch.float64)])
+
+
+_stat_scales: dict[tuple, torch.Tensor] = {}
+
+
+def _stat_scale(kl_coef: float, count: int, device) -> torch.Tensor:
+    """[1, kl_coef, 1, 1, 1/2, 1] / count: the means of the partials' sums, cached because
+    building a tensor costs a host-to-device copy on every call."""
+    key = (kl_coef, count, device)
+    if key not in _stat_scales:
+        if len(_stat_scales) > 64:
+            _stat_scales.clear()
+        _stat_scales[key] = torch.tensor([1.0, kl_coef, 1.0, 1.0, 0.5, 1.0], dtype=torch.float64,
+                                         device=device) / count
+    return _stat_scales[key]
 
 
 def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
@@ -198,7 +214,7 @@ class ViPOLossFunction(torch.autograd.Function):
         # gradient of a leaf without copying it.
         grad, ctx.grad = ctx.grad, None
         # Skipping the multiply when dloss = 1 saves a pass over the latent (Liger does the same).
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        if grad_loss.item() != 1.0:
             grad = grad.mul_(grad_loss.to(grad.dtype))
         return (grad.reshape(ctx.output_shape),) + (None,) * 11
 
@@ -264,7 +280,8 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
 
     hp = {"clip_range": float(clip_range), "adv_clip": float(adv_clip), "kl_coef": float(kl_coef),
           "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
-    loss, stats = _kernel_loss(impl, model_output, sample, next_sample, old_log_prob, advantages,
+    run = _kernel_loss if torch.compiler.is_compiling() else _kernel_loss_eager
+    loss, stats = run(impl, model_output, sample, next_sample, old_log_prob, advantages,
                                allocation_map, cs, co, sd, ref, hp)
     values = dict(zip(KERNEL_STATS, stats.unbind()))
     return loss, {name: values[name] for name in STAT_NAMES}
@@ -273,15 +290,17 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
 # Kernel launches stay opaque to torch.compile: Dynamo would otherwise trace into the
 # launcher (and, under TRITON_INTERPRET, into the interpreter) and fail. The loss is one
 # fused memory-bound pass, so a graph break around it costs nothing worth compiling.
-@torch.compiler.disable
-def _kernel_loss(impl, model_output, sample, next_sample, old_log_prob, advantages,
-                 allocation_map, cs, co, sd, ref, hp):
+def _kernel_loss_eager(impl, model_output, sample, next_sample, old_log_prob, advantages,
+                       allocation_map, cs, co, sd, ref, hp):
     old = _bp(old_log_prob) if hp["ratio_level"] == "position" else old_log_prob.detach().float()
-    adv = advantages.detach().to(torch.float32).clamp(-hp["adv_clip"], hp["adv_clip"])
+    adv = advantages.detach().to(torch.float32).clamp(-hp["adv_clip"], hp["adv_clip"])  # (B,)
     amap = _bp(allocation_map) if allocation_map is not None else None
     return ViPOLossFunction.apply(model_output, sample.detach(), next_sample.detach(), old,
                                   adv.contiguous(), amap, cs, co, sd,
                                   ref.detach() if ref is not None else None, impl, hp)
+
+
+_kernel_loss = torch.compiler.disable(_kernel_loss_eager)
 
 
 @torch.compiler.disable

@@ -57,6 +57,8 @@ def as_per_sample(name: str, x, batch: int, device) -> torch.Tensor:
         raise ValueError(f"{name} is on {x.device} but the latents are on {device}")
     if x.numel() not in (1, batch) or x.dim() > 1:
         raise ValueError(f"{name} must be a float or have shape ({batch},), got {tuple(x.shape)}")
+    if x.dtype == torch.float32 and x.shape == (batch,) and x.is_contiguous():
+        return x.detach()  # the common case, without four no-op dispatches
     return x.detach().reshape(-1).expand(batch).to(torch.float32).contiguous()
 
 
@@ -85,20 +87,25 @@ def check_values(std: torch.Tensor, advantages: torch.Tensor | None = None,
                  old_log_prob: torch.Tensor | None = None) -> None:
     """One host sync for every value check; raises naming the first bad argument.
 
-    Each check is a single reduction: NaN and inf propagate through ``sum``, ``amin`` and
-    ``amax``, so a non-finite sum or an extremum outside the range flags the tensor."""
-    checks = [("std", "must be finite and > 0", ~(torch.isfinite(std) & (std > 0)).all())]
+    Each tensor is reduced once or twice: NaN and inf propagate through ``sum``, ``amin``
+    and ``amax``, so a non-finite sum or an extremum outside the range flags the tensor
+    (a sum of finite values too large to represent is flagged as well)."""
+    reductions = [std.amin(), std.sum()]
     if advantages is not None:
-        checks.append(("advantages", "contains NaN or inf", ~torch.isfinite(advantages.sum())))
+        reductions.append(advantages.sum())
     if allocation_map is not None:
-        low, high = torch.aminmax(allocation_map)
-        checks.append(("allocation_map", "must lie in [0, 1] (and not be NaN)",
-                       ~((low >= 0) & (high <= 1))))
+        reductions.extend(torch.aminmax(allocation_map))
     if old_log_prob is not None:
-        # float64 sum: a float32 sum of many large finite log-probs could overflow to inf.
-        checks.append(("old_log_prob", "contains NaN or inf",
-                       ~torch.isfinite(old_log_prob.sum(dtype=torch.float64))))
-    flags = torch.stack([bad for _, _, bad in checks]).tolist()
-    for (name, message, _), flag in zip(checks, flags):
-        if flag:
-            raise ValueError(f"{name} {message}")
+        reductions.append(old_log_prob.sum())
+    values = iter(torch.stack(reductions).tolist())  # stack promotes mixed dtypes
+    std_min, std_sum = next(values), next(values)
+    if not (std_min > 0 and math.isfinite(std_sum)):
+        raise ValueError("std must be finite and > 0")
+    if advantages is not None and not math.isfinite(next(values)):
+        raise ValueError("advantages contains NaN or inf")
+    if allocation_map is not None:
+        low, high = next(values), next(values)
+        if not (low >= 0 and high <= 1):  # False for NaN too
+            raise ValueError("allocation_map must lie in [0, 1] (and not be NaN)")
+    if old_log_prob is not None and not math.isfinite(next(values)):
+        raise ValueError("old_log_prob contains NaN or inf")
