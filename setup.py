@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -ffp-contract=off: no fused multiply-adds, so the step rounds bit for bit like torch's
 # separate multiply and add (csrc/cpu/step_cpu.cpp), on every target.
 # -march=native (VIPO_MARCH overrides it, e.g. x86-64-v3 for a binary that moves between
-# machines): the extension is built where it runs; AVX-512 made the fused loss 1.3-1.5x
+# machines): the extension is built where it runs; AVX-512 made the fused loss kernel 1.2-1.5x
 # faster than baseline SSE2 on the development machine (2 threads, quiet).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
              "-march=" + os.environ.get("VIPO_MARCH", "native")]
