@@ -21,7 +21,7 @@ import torch
 from vipo_kernels import backends, sde_coefficients, sde_step, vipo_loss
 from vipo_kernels.reference import log_prob_reference, sde_step_reference, vipo_loss_reference
 
-SHAPES = {"flux": (12, 16, 64, 64), "wan": (8, 16, 14, 30, 52)}
+from benchmarks.shapes import SHAPES  # noqa: E402  (a package import: also run as a script)
 IMPLS = ["cpp", "torch-eager", "torch-compile"]
 _compiled: dict[str, object] = {}
 
