@@ -36,7 +36,7 @@ def cpp():
 @pytest.fixture
 def small_blocks(monkeypatch, cpp):
     """Tasks of 16 positions (5 for P < 16): many blocks per sample, a ragged last one."""
-    monkeypatch.setattr(cpp, "block_positions", lambda C, P: 16 if P >= 16 else 5)
+    monkeypatch.setattr(cpp, "block_positions", lambda B, C, P: 16 if P >= 16 else 5)
 
 
 def _bcp(x):
@@ -126,7 +126,7 @@ def test_outputs_poisoned_by_caller(cpp):
     cs, co, sd = (case.kwargs[k] for k in ("coef_sample", "coef_output", "std"))
     old, amap = case.old_log_prob.reshape(B, P), case.allocation_map.reshape(B, P).float()
     adv = case.advantages.float().clamp(-5, 5)
-    bp = cpp.block_positions(C, P)
+    bp = cpp.block_positions(B, C, P)
     k = -(-P // bp)
     nan = float("nan")
     grad, partials = torch.full_like(v, nan), torch.full((B, k, 8), nan)
@@ -256,7 +256,7 @@ def test_ops_opcheck(cpp):
     """Schemas, Meta kernels (fake tensors) and AOT dispatch agree with the CPU kernels."""
     a = _op_args(cpp)
     B, C, P = a["v"].shape
-    bp = cpp.block_positions(C, P)
+    bp = cpp.block_positions(B, C, P)
     k = -(-P // bp)
     torch.library.opcheck(torch.ops.vipo.loss_position.default, (
         a["v"], a["z"], a["x"], a["old"], a["adv"], a["amap"], a["cs"], a["co"], a["std"],
