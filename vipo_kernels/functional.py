@@ -139,7 +139,7 @@ def _position_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, 
     sums = rows[:, :6].sum(dim=0, dtype=torch.float64)
     extrema = torch.stack([rows[:, 6].amin(), rows[:, 7].amax()])
     scale = _stat_scale(hp["kl_coef"], batch * positions, sums.device)
-    return torch.cat([sums * scale, extrema.to(torch.float64)])
+    return torch.cat([sums * scale, extrema])  # cat promotes the fp32 extrema
 
 
 _stat_scales: dict[tuple, torch.Tensor] = {}
@@ -200,7 +200,7 @@ class ViPOLossFunction(torch.autograd.Function):
         ctx.output_shape = model_output.shape
         stats32 = stats.to(torch.float32)
         ctx.mark_non_differentiable(stats32)
-        return (stats[0] + stats[1]).to(torch.float32), stats32
+        return stats32[0] + stats32[1], stats32
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
