@@ -97,6 +97,7 @@ def check_run(trainer, result, frozen, trainable, weights):
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "samples" / "iter000000.png").is_file()
+    assert (run_dir / "curves.png").is_file()
     return rows
 
 

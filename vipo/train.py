@@ -27,6 +27,7 @@ import torch
 from .advantages import group_advantages, normalise_maps
 from .config import Config, ConfigError, help_text
 from .logging_utils import MetricsLogger, PhaseTimer, save_grid, summary_line
+from .plots import plot_curves
 
 logger = logging.getLogger("vipo")
 
@@ -415,6 +416,8 @@ class Trainer:
         line = summary_line(self.history, seconds, self.run_dir)
         if self.accelerator.is_main_process:
             self.metrics.close()
+            if self.history:
+                plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
             print(line, flush=True)
         return {"run_dir": self.run_dir, "history": self.history, "summary": line,
                 "seconds": seconds}
