@@ -25,7 +25,9 @@ def test_curve_is_drawn(tmp_path):
                       keys=("reward_mean", "loss", "not_a_column"))
     image = Image.open(out).convert("RGB")
     assert image.height == 2 * PANEL_H  # the missing column is skipped
-    red = sum(1 for p in image.getdata() if p[0] > 150 and p[1] < 80 and p[2] < 80)
+    pixels = image.load()
+    red = sum(1 for x in range(image.width) for y in range(image.height)
+              if pixels[x, y][0] > 150 and pixels[x, y][1] < 80 and pixels[x, y][2] < 80)
     assert red > 200, "the moving-average curve was not drawn"
 
 
