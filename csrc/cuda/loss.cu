@@ -185,6 +185,16 @@ LatentPtrs strides(CudaLatent v, CudaLatent z, CudaLatent x, CudaLatent ref) {
           x.stride_b, x.stride_c, ref.stride_b, ref.stride_c};
 }
 
+// Whether every input latent can be read in vector packs (see pack_aligned).
+template <typename TV, typename TZ>
+bool inputs_aligned(const CudaLatent& v, const CudaLatent& z, const CudaLatent& x,
+                    const CudaLatent& ref) {
+  return cuda_detail::pack_aligned<TV>(v.ptr, v.stride_b, v.stride_c) &&
+         cuda_detail::pack_aligned<TZ>(z.ptr, z.stride_b, z.stride_c) &&
+         cuda_detail::pack_aligned<TZ>(x.ptr, x.stride_b, x.stride_c) &&
+         cuda_detail::pack_aligned<TV>(ref.ptr, ref.stride_b, ref.stride_c);
+}
+
 }  // namespace
 
 cudaError_t launch_loss_position(float* partials_out, void* grad_out, CudaLatent v,
@@ -203,10 +213,7 @@ cudaError_t launch_loss_position(float* partials_out, void* grad_out, CudaLatent
     using TV = typename decltype(v_tag)::type;
     return cuda_detail::dispatch_dtype(z_dtype, [&](auto z_tag) {
       using TZ = typename decltype(z_tag)::type;
-      const bool aligned = cuda_detail::pack_aligned<TV>(v.ptr, v.stride_b, v.stride_c) &&
-                           cuda_detail::pack_aligned<TZ>(z.ptr, z.stride_b, z.stride_c) &&
-                           cuda_detail::pack_aligned<TZ>(x.ptr, x.stride_b, x.stride_c) &&
-                           cuda_detail::pack_aligned<TV>(ref.ptr, ref.stride_b, ref.stride_c);
+      const bool aligned = inputs_aligned<TV, TZ>(v, z, x, ref);
       const bool grad_aligned = cuda_detail::pack_aligned<TV>(grad_out, s.C * s.P, s.P);
       loss_position_kernel<TV, TZ><<<grid, block, 0, stream>>>(
           partials_out, static_cast<TV*>(grad_out), static_cast<const TV*>(v.ptr),
@@ -231,10 +238,7 @@ cudaError_t launch_grad_sample(float* kl_out, void* grad_out, CudaLatent v, Cuda
     using TV = typename decltype(v_tag)::type;
     return cuda_detail::dispatch_dtype(z_dtype, [&](auto z_tag) {
       using TZ = typename decltype(z_tag)::type;
-      const bool aligned = cuda_detail::pack_aligned<TV>(v.ptr, v.stride_b, v.stride_c) &&
-                           cuda_detail::pack_aligned<TZ>(z.ptr, z.stride_b, z.stride_c) &&
-                           cuda_detail::pack_aligned<TZ>(x.ptr, x.stride_b, x.stride_c) &&
-                           cuda_detail::pack_aligned<TV>(ref.ptr, ref.stride_b, ref.stride_c);
+      const bool aligned = inputs_aligned<TV, TZ>(v, z, x, ref);
       const bool grad_aligned = cuda_detail::pack_aligned<TV>(grad_out, s.C * s.P, s.P);
       grad_sample_kernel<TV, TZ><<<grid, block, 0, stream>>>(
           kl_out, static_cast<TV*>(grad_out), static_cast<const TV*>(v.ptr),
