@@ -272,11 +272,13 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
 
     impl = backends.resolve(backend, device)
     if impl is None:
-        loss, stats = reference.vipo_loss_reference(
-            model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
-            coef_sample=cs, coef_output=co, std=sd, clip_range=clip_range, adv_clip=adv_clip,
-            ratio_level=ratio_level, kl_coef=kl_coef, ref_model_output=ref)
-        return loss.to(torch.float32), {k: s.to(torch.float32) for k, s in stats.items()}
+        # Under torch.compile the reference runs eagerly: Inductor (torch 2.13) returned this
+        # loss without a grad_fn once argument checks split the graph (aot_eager did not).
+        run_reference = (torch.compiler.disable(_reference_loss)
+                         if torch.compiler.is_compiling() else _reference_loss)
+        return run_reference(model_output, sample, next_sample, old_log_prob, advantages,
+                             allocation_map, cs, co, sd, clip_range, adv_clip, ratio_level,
+                             kl_coef, ref)
 
     hp = {"clip_range": float(clip_range), "adv_clip": float(adv_clip), "kl_coef": float(kl_coef),
           "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
@@ -285,6 +287,15 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
                                allocation_map, cs, co, sd, ref, hp)
     values = dict(zip(KERNEL_STATS, stats.unbind()))
     return loss, {name: values[name] for name in STAT_NAMES}
+
+
+def _reference_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
+                    cs, co, sd, clip_range, adv_clip, ratio_level, kl_coef, ref):
+    loss, stats = reference.vipo_loss_reference(
+        model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
+        coef_sample=cs, coef_output=co, std=sd, clip_range=clip_range, adv_clip=adv_clip,
+        ratio_level=ratio_level, kl_coef=kl_coef, ref_model_output=ref)
+    return loss.to(torch.float32), {k: s.to(torch.float32) for k, s in stats.items()}
 
 
 # Kernel launches stay opaque to torch.compile: Dynamo would otherwise trace into the
