@@ -189,20 +189,24 @@ def test_step_then_loss_is_on_policy(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
-def test_under_torch_compile(backend):
-    """The loss inside a torch.compile'd function: same loss and gradient as eager (for
-    "torch" too, where Inductor once dropped the loss's grad_fn)."""
-    case = make_loss_case(IMAGE, kl_coef=0.5)
+@pytest.mark.parametrize("wrapped", [False, True], ids=["direct", "inside-ops"])
+def test_under_torch_compile(backend, wrapped):
+    """The loss inside a torch.compile'd function, called on the leaf itself or between
+    other ops: same loss and gradient as eager (for "torch" too, where Inductor once
+    returned the directly called loss without a grad_fn)."""
+    case = make_loss_case(IMAGE)
 
-    def scaled_loss(v):
-        loss, _ = vipo_loss(v * 1.0, *case.args()[1:], **case.kwargs, backend=backend)
-        return 2.0 * loss
+    def loss_of(v):
+        loss, _ = vipo_loss(v * 1.0 if wrapped else v, *case.args()[1:], **case.kwargs,
+                            backend=backend)
+        return 2.0 * loss if wrapped else loss
 
+    torch._dynamo.reset()
     compiled_v = case.model_output.clone().requires_grad_(True)
-    compiled_loss = torch.compile(scaled_loss)(compiled_v)
+    compiled_loss = torch.compile(loss_of)(compiled_v)
     compiled_loss.backward()
     eager_v = case.model_output.clone().requires_grad_(True)
-    eager_loss = scaled_loss(eager_v)
+    eager_loss = loss_of(eager_v)
     eager_loss.backward()
     assert rel_err(compiled_loss, eager_loss) < 1e-6
     assert rel_err(compiled_v.grad, eager_v.grad) < 1e-6

@@ -272,8 +272,9 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
 
     impl = backends.resolve(backend, device)
     if impl is None:
-        # Under torch.compile the reference runs eagerly: Inductor (torch 2.13) returned this
-        # loss without a grad_fn once argument checks split the graph (aot_eager did not).
+        # Under torch.compile the reference runs eagerly: with kl_coef = 0, Inductor (torch
+        # 2.13) returned this loss without a grad_fn (aot_eager did not); see
+        # tests/test_kernels.py::test_under_torch_compile.
         run_reference = (torch.compiler.disable(_reference_loss)
                          if torch.compiler.is_compiling() else _reference_loss)
         return run_reference(model_output, sample, next_sample, old_log_prob, advantages,
