@@ -23,7 +23,9 @@ import triton.language as tl
 
 from .buffers import new_buffer
 
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# A constexpr: compiled Triton refuses plain Python globals inside kernels (the interpreter
+# does not, which is why vipo_kernels/triton_compile_check.py exists).
+HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2.0 * math.pi))
 N_STATS = 8  # columns of the loss partials, see loss_position
 # Elements per (BLOCK_C, BLOCK_P) tile; tests shrink the CPU budget to force many blocks.
 TILE_BUDGET = {"cpu": 1 << 16, "gpu": 2048}
