@@ -11,6 +11,7 @@ or local folder); the pipeline object is kept for its prompt encoding and VAE.
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch
@@ -18,7 +19,7 @@ import torch
 logger = logging.getLogger("vipo")
 
 
-class Adapter:
+class Adapter(abc.ABC):
     arch = ""
     pipeline_class = ""          # diffusers pipeline class loaded with from_pretrained
     is_video = False
@@ -44,23 +45,23 @@ class Adapter:
         self.pipe.to(device)
         self.use_cfg = self.true_cfg and cfg.guidance_scale > 1.0
 
-    # ---- the interface ------------------------------------------------------------------
+    # ---- the interface: every adapter implements these four -------------------------------
+    @abc.abstractmethod
     def encode_prompts(self, prompts: list) -> dict:
         """Prompt conditioning as a dict of (B, ...) tensors; with CFG also ``neg_*`` keys."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def latent_shape(self) -> tuple:
         """(C, H, W) or (C, T, H, W) of one sample in the loss layout."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, model, latents, timesteps, cond: dict, negative: bool = False):
         """One transformer pass: latents (B, C, *S) fp32 and timesteps (B,) of 1000*sigma
         -> velocity (B, C, *S) fp32. ``negative`` selects the unconditional embeddings."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, *S) -> images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]."""
-        raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------
     def velocity(self, model, latents, timesteps, cond: dict) -> torch.Tensor:
