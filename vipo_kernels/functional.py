@@ -116,8 +116,14 @@ def log_prob(model_output, sample, next_sample, *, coef_sample, coef_output, std
                                             ratio_level=ratio_level).to(torch.float32)
     logp = _kernel_log_prob(impl, model_output, sample, next_sample, cs, co, sd)
     if ratio_level == "sample":
-        return (logp.to(torch.float64).sum(dim=1) / (channels * logp.shape[1])).to(torch.float32)
+        return _sample_mean_log_prob(logp, channels).to(torch.float32)
     return logp.reshape(batch, *spatial)
+
+
+def _sample_mean_log_prob(logp: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, P) channel-summed log-probs -> (B,) float64 mean over all C*|P| elements: the
+    sample-level log-prob, one definition for rollout (log_prob) and loss alike."""
+    return logp.to(torch.float64).sum(dim=1) / (channels * logp.shape[1])
 
 
 def _grad_buffer(v: torch.Tensor, v3: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -160,8 +166,8 @@ def _stat_scale(kl_coef: float, count: int, device) -> torch.Tensor:
 def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
     batch, channels, positions = z3.shape
     eps = hp["clip_range"]
-    logp = impl.log_prob(v3, z3, x3, cs, co, sd).to(torch.float64)
-    log_ratio = logp.sum(dim=1) / (channels * positions) - old.to(torch.float64)  # (B,)
+    logp = impl.log_prob(v3, z3, x3, cs, co, sd)
+    log_ratio = _sample_mean_log_prob(logp, channels) - old.to(torch.float64)  # (B,)
     ratio = torch.exp(log_ratio)
     adv64 = adv.to(torch.float64)
     map_mean = amap.to(torch.float64).mean(dim=1) if amap is not None else torch.ones_like(ratio)
