@@ -1,6 +1,7 @@
 // Pieces shared by the CPU kernel files.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -51,6 +52,16 @@ inline float exp_vec(float x) {
 }
 
 inline int64_t num_blocks(const Sizes& s) { return (s.P + s.block_p - 1) / s.block_p; }
+
+// What one OpenMP task owns: sample b, positions [p0, p0 + n). Task t is row t of the
+// (B, n_blocks) per-block outputs.
+struct Task {
+  int64_t b, p0, n;
+};
+inline Task task_positions(int64_t task, int64_t n_blocks, const Sizes& s) {
+  const int64_t p0 = (task % n_blocks) * s.block_p;
+  return {task / n_blocks, p0, std::min(s.block_p, s.P - p0)};
+}
 
 // Pointer to element (b, c, p) of a latent.
 inline const void* at(const Latent& t, int64_t b, int64_t c, int64_t p) {

@@ -80,10 +80,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
     cpu_detail::Scratch scratch(n_rows, s.block_p);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t b = task / n_blocks;
-      const int64_t block = task % n_blocks;
-      const int64_t p0 = block * s.block_p;
-      const int64_t n = std::min(s.block_p, s.P - p0);
+      const auto [b, p0, n] = cpu_detail::task_positions(task, n_blocks, s);
       const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
       const float inv_var = 1.0f / (sd * sd);
       double* __restrict__ sq = scratch.sum_row(0);
@@ -136,7 +133,7 @@ void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, La
         std::fill(dense, dense + n, a);
       }
       clip_and_reduce(ratio, log_ratio, dense, kl, half_inv_var, lo, hi, grad_scale, n, dlogp,
-                      partials_out + (b * n_blocks + block) * kNumStats);
+                      partials_out + task * kNumStats);
 
       if (write_grad) {
         // dl(p)/dv_c = co (x - mu) / std^2; the KL term adds kl_coef co (mu - mu_ref) / std^2,
@@ -178,10 +175,7 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
     cpu_detail::Scratch scratch(6, s.block_p);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t b = task / n_blocks;
-      const int64_t block = task % n_blocks;
-      const int64_t p0 = block * s.block_p;
-      const int64_t n = std::min(s.block_p, s.P - p0);
+      const auto [b, p0, n] = cpu_detail::task_positions(task, n_blocks, s);
       const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
       const float inv_var = 1.0f / (sd * sd);
       // dL/dl(c, p) is one number per sample at this level (it passes through the mean).
@@ -218,7 +212,7 @@ void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, 
       }
       double kl_sum = 0.0;
       for (int64_t j = 0; j < n; ++j) kl_sum += kl[j];
-      kl_out[b * n_blocks + block] = static_cast<float>(0.5 / (static_cast<double>(sd) * sd) * kl_sum);
+      kl_out[task] = static_cast<float>(0.5 / (static_cast<double>(sd) * sd) * kl_sum);
     }
   }
 }

@@ -16,9 +16,7 @@ void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
     cpu_detail::Scratch scratch(5, s.block_p);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t b = task / n_blocks;
-      const int64_t p0 = (task % n_blocks) * s.block_p;
-      const int64_t n = std::min(s.block_p, s.P - p0);
+      const auto [b, p0, n] = cpu_detail::task_positions(task, n_blocks, s);
       const float cs = coef.cs[b], co = coef.co[b], sd = coef.std[b];
       float* __restrict__ mean = scratch[3];
       double* __restrict__ sq = scratch.sum_row(0);
