@@ -72,8 +72,13 @@ TORCH_LIBRARY_IMPL(vipo, Meta, m) {
 
 }  // namespace vipo
 
-// An empty Python module: importing it runs the static registrations above. No pybind11,
-// which keeps the build light (torch/extension.h alone takes minutes to compile here).
+// An empty Python module: importing it runs the static registrations above. pybind11 stays
+// a build dependency (requirements-dev.txt; the design names it) because torch's extension
+// headers build on it: torch/extension.h, and the include paths BuildExtension adds, pull in
+// torch/csrc/utils/pybind.h. This file needs no binding of its own (the ops are reached
+// through TORCH_LIBRARY, i.e. torch.ops.vipo), so it includes only torch/library.h and a
+// plain PyModuleDef, which keeps the build light (torch/extension.h alone takes minutes to
+// compile here).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);

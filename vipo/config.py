@@ -28,9 +28,29 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its help text (and allowed values, checked by validate())."""
-    meta = {"help": help, "choices": choices}
+def _interval(text: str) -> tuple:
+    """``"(0, 1]"`` -> (0.0, 1.0, False, True): bounds and whether each end is included."""
+    low, high = (float(v) for v in text[1:-1].split(","))
+    return low, high, text[0] == "[", text[-1] == "]"
+
+
+def _in_interval(value, interval: tuple) -> bool:
+    low, high, closed_low, closed_high = interval
+    return (value >= low if closed_low else value > low) and \
+        (value <= high if closed_high else value < high)
+
+
+def _describe_interval(interval: tuple) -> str:
+    low, high, closed_low, closed_high = interval
+    if math.isinf(high):
+        return f"must be {'>=' if closed_low else '>'} {low:g}"
+    return f"must lie in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+
+def _f(default, help: str, choices: tuple | None = None, bounds: str | None = None):
+    """A dataclass field with its help text and what validate() allows: ``choices`` (values)
+    or ``bounds``, an interval such as ``"(0, 1]"`` or ``"[2, inf)"`` (NaN never passes)."""
+    meta = {"help": help, "choices": choices, "bounds": bounds and _interval(bounds)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,36 +62,44 @@ class ModelConfig:
                    "wan (Wan 2.1 text-to-video)", ("sd3", "flux", "wan"))
     path: str = _f("tiny", "hub id or local diffusers pipeline folder; 'tiny' builds the "
                    "embedded random-weight tiny world for `arch` (vipo/tiny.py)")
-    height: int = _f(64, "output height in pixels (multiple of 16)")
-    width: int = _f(64, "output width in pixels (multiple of 16)")
-    num_frames: int = _f(1, "frames per sample; video models need (num_frames - 1) % 4 == 0")
+    height: int = _f(64, "output height in pixels (multiple of 16)", bounds="[16, inf)")
+    width: int = _f(64, "output width in pixels (multiple of 16)", bounds="[16, inf)")
+    num_frames: int = _f(1, "frames per sample; video models need (num_frames - 1) % 4 == 0",
+                         bounds="[1, inf)")
     guidance_scale: float = _f(1.0, "flux: distilled guidance input (3.5 for FLUX.1-dev); sd3/wan:"
-                               " true CFG scale, unconditional branch without grad (1 = off)")
+                               " true CFG scale, unconditional branch without grad (1 = off)",
+                               bounds="[0, inf)")
     negative_prompt: str = _f("", "negative prompt of the CFG unconditional branch (sd3, wan)")
-    max_sequence_length: int = _f(512, "T5 token length of prompt embeddings")
+    max_sequence_length: int = _f(512, "T5 token length of prompt embeddings", bounds="[1, inf)")
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU "
                         "only: bf16 on CPU is ~25x slower, ENV.md)", ("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
+    trust_remote_code: bool = _f(False, "let from_pretrained run Python code shipped with a "
+                                 "hub model (off: only safetensors/config files are used)")
 
 
 @dataclass
 class SampleConfig:
-    num_steps: int = _f(8, "T_s: SDE sampling steps per rollout (>= 2; the last is not trained)")
+    num_steps: int = _f(8, "T_s: SDE sampling steps per rollout (>= 2; the last is not trained)",
+                        bounds="[2, inf)")
     sigma_schedule: str = _f("dance", "dance: s_k = 1 - k/T_s, shifted (DanceGRPO/ViPO); "
                              "diffusers: FlowMatchEulerDiscreteScheduler's levels (Flow-GRPO), "
                              "METHOD.md 1", ("dance", "diffusers"))
-    shift: float = _f(3.0, "timestep shift: sigma = shift*s / (1 + (shift - 1)*s)")
+    shift: float = _f(3.0, "timestep shift: sigma = shift*s / (1 + (shift - 1)*s)",
+                      bounds="(0, inf)")
     timestep_input: str = _f("int", "model timestep 1000*sigma: int truncates it (DanceGRPO/ViPO),"
                              " float passes it as is (Flow-GRPO); step maths always uses the "
                              "untruncated sigma", ("int", "float"))
     sde: str = _f("dance", "SDE noise form: dance (eta) or flow (noise_level a), METHOD.md 1",
                   ("dance", "flow"))
-    eta: float = _f(0.3, "DanceGRPO noise scale eta (sde=dance)")
-    noise_level: float = _f(0.7, "Flow-GRPO noise level a (sde=flow)")
-    group_size: int = _f(12, "G: samples per prompt; advantages are normalised within a group")
-    prompts_per_iter: int = _f(1, "prompts drawn per iteration on each process")
+    eta: float = _f(0.3, "DanceGRPO noise scale eta (sde=dance)", bounds="(0, inf)")
+    noise_level: float = _f(0.7, "Flow-GRPO noise level a (sde=flow)", bounds="(0, inf)")
+    group_size: int = _f(12, "G: samples per prompt; advantages are normalised within a group",
+                         bounds="[2, inf)")
+    prompts_per_iter: int = _f(1, "prompts drawn per iteration on each process", bounds="[1, inf)")
     same_init_noise: bool = _f(True, "a group shares z_0 and differs only in SDE noise")
-    sample_batch_size: int = _f(12, "rollout micro-batch (samples per forward pass)")
+    sample_batch_size: int = _f(12, "rollout micro-batch (samples per forward pass)",
+                                bounds="[1, inf)")
     decode_from: str = _f("x0_pred", "x0_pred: decode x0 of the last step (DanceGRPO/ViPO); "
                           "last_sample: decode z_T (Flow-GRPO)", ("x0_pred", "last_sample"))
     prompts: str = _f("builtin", "prompt source: 'builtin' (a short in-code list) or a .txt "
@@ -87,7 +115,8 @@ class RewardConfig:
     multi_reward: str = _f("per_reward", "per_reward: one advantage and loss term per reward "
                            "(METHOD.md 5); sum_rewards: weighted sum, then one advantage",
                            ("per_reward", "sum_rewards"))
-    eps_std: float = _f(1e-8, "added to the reward std in the advantage (Flow-GRPO: 1e-4)")
+    eps_std: float = _f(1e-8, "added to the reward std in the advantage (Flow-GRPO: 1e-4)",
+                        bounds="(0, inf)")
     std_scope: str = _f("group", "std of the advantage: group (DanceGRPO/ViPO) or batch, all "
                         "rewards of the iteration on all processes (Flow-GRPO)",
                         ("group", "batch"))
@@ -101,24 +130,29 @@ class RewardConfig:
                                   "folder or hub id for pickscore")
     video_aggregate: str = _f("mean", "how per-frame image rewards become a video reward",
                               ("mean", "min", "max"))
-    video_frame_stride: int = _f(1, "score every n-th frame of a video")
+    video_frame_stride: int = _f(1, "score every n-th frame of a video", bounds="[1, inf)")
+    max_dropped_iters: int = _f(3, "stop after this many iterations in a row in which "
+                                "nonfinite_reward=drop_group dropped every group",
+                                bounds="[1, inf)")
 
 
 @dataclass
 class PSMConfig:
     backbone: str = _f("facebook/dinov2-large", "PSM vision backbone folder or hub id; 'tiny' "
                        "builds the embedded random Dinov2Model (vipo/tiny.py)")
-    n_components: int = _f(3, "K: PCA components of the allocation map (METHOD.md 6)")
+    n_components: int = _f(3, "K: PCA components of the allocation map (METHOD.md 6)",
+                           bounds="[1, inf)")
     aggregation: str = _f("weighted", "weighted (by explained variance), average, first_pc",
                           ("weighted", "average", "first_pc"))
-    psm_sigma: float = _f(1.0, "Gaussian smoothing of the patch map, in patches (0 = off)")
+    psm_sigma: float = _f(1.0, "Gaussian smoothing of the patch map, in patches (0 = off)",
+                          bounds="[0, inf)")
     temporal_sigma: float = _f(0.3, "video: Gaussian smoothing of the map along latent time, "
-                               "in latent frames (METHOD.md 6)")
+                               "in latent frames (METHOD.md 6)", bounds="[0, inf)")
     joint_pca: bool = _f(False, "video: one PCA basis over all frames of a clip (beyond the "
                          "paper; stops per-frame flicker)")
     map_norm: str = _f("minmax", "minmax (paper); mean_one: M/mean(M); floor: alpha + (1 - "
                        "alpha) M (METHOD.md 6)", ("minmax", "mean_one", "floor"))
-    map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]")
+    map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]", bounds="[0, 1]")
 
 
 @dataclass
@@ -127,29 +161,42 @@ class TrainConfig:
                         ("vipo", "grpo"))
     ratio_level: str = _f("position", "likelihood ratio per latent position (ViPO) or per "
                           "sample (Flow-GRPO/DanceGRPO), METHOD.md 3", ("position", "sample"))
-    clip_range: float = _f(1e-4, "PPO epsilon; see METHOD.md 11.2 for the position level")
-    adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
+    clip_range: float = _f(1e-4, "PPO epsilon; see METHOD.md 11.2 for the position level",
+                           bounds="(0, inf)")
+    adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]", bounds="(0, inf)")
     kl_coef: float = _f(0.0, "weight of the exact Gaussian KL to the initial model (METHOD.md 4"
-                        "); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here")
-    timestep_fraction: float = _f(0.6, "share of the T_s - 1 trainable steps trained per sample")
+                        "); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here",
+                        bounds="[0, inf)")
+    timestep_fraction: float = _f(0.6, "share of the T_s - 1 trainable steps trained per sample",
+                                  bounds="(0, 1]")
     timestep_order: str = _f("random", "random: a random subset per sample, "
                              "floor((T_s-1)*fraction) steps (DanceGRPO/ViPO); first: the first "
                              "min(T_s-1, floor(T_s*fraction)) steps in order (Flow-GRPO)",
                              ("random", "first"))
-    train_batch_size: int = _f(1, "training micro-batch (samples per forward/backward)")
-    grad_accum: int = _f(4, "samples per optimiser step (a multiple of train_batch_size)")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip before each optimiser step")
-    lr: float = _f(1e-5, "AdamW learning rate (constant, no warm-up)")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    lora_rank: int = _f(0, "0: full fine-tuning; > 0: LoRA of this rank through peft")
-    lora_alpha: float = _f(0.0, "LoRA alpha (0 means 2 * lora_rank)")
+    train_batch_size: int = _f(1, "training micro-batch (samples per forward/backward)",
+                               bounds="[1, inf)")
+    grad_accum: int = _f(4, "samples per optimiser step (a multiple of train_batch_size)",
+                         bounds="[1, inf)")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip before each optimiser step",
+                              bounds="(0, inf)")
+    lr: float = _f(1e-5, "AdamW learning rate (constant after lr_warmup_steps)",
+                   bounds="(0, inf)")
+    lr_warmup_steps: int = _f(0, "optimiser steps of linear LR warm-up from lr/steps to lr",
+                              bounds="[0, inf)")
+    max_bad_steps: int = _f(3, "a non-finite loss or gradient norm skips that optimiser step; "
+                            "this many skips in a row stop the run", bounds="[1, inf)")
+    adam_beta1: float = _f(0.9, "AdamW beta1", bounds="[0, 1)")
+    adam_beta2: float = _f(0.999, "AdamW beta2", bounds="[0, 1)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay", bounds="[0, inf)")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", bounds="(0, inf)")
+    lora_rank: int = _f(0, "0: full fine-tuning; > 0: LoRA of this rank through peft",
+                        bounds="[0, inf)")
+    lora_alpha: float = _f(0.0, "LoRA alpha (0 means 2 * lora_rank)", bounds="[0, inf)")
     lora_targets: list = _f([], "LoRA target module names (empty: the adapter's default)")
-    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off; Flow-GRPO: 0.9)")
-    ema_every: int = _f(1, "optimiser steps between EMA updates (Flow-GRPO: 8)")
-    iterations: int = _f(300, "outer iterations (rollout + optimisation)")
+    ema_decay: float = _f(0.0, "EMA of the trained weights (0 = off; Flow-GRPO: 0.9)",
+                          bounds="[0, 1)")
+    ema_every: int = _f(1, "optimiser steps between EMA updates (Flow-GRPO: 8)", bounds="[1, inf)")
+    iterations: int = _f(300, "outer iterations (rollout + optimisation)", bounds="[1, inf)")
     seed: int = _f(0, "seed of prompts, noise and step subsets (offset by process index)")
     kernel_backend: str = _f("auto", "vipo_kernels backend", ("auto", "torch", "triton", "cpp",
                                                               "cuda"))
@@ -158,14 +205,27 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = _f("runs", "parent folder of run folders")
-    run_name: str = _f("", "run folder name (empty: <preset>-<date>-<time>)")
-    image_every: int = _f(10, "iterations between sample grids and map overlays (0 = never)")
+    run_name: str = _f("", "run folder name, which must not exist yet unless resume is given "
+                       "(empty: a new unique <preset>-<date>-<time>-<n>)")
+    resume: str = _f("", "continue a run in its own folder: a run folder, one of its checkpoint "
+                     "folders, or 'latest' (the newest complete checkpoint under output_dir, "
+                     "or of run_name when given); the saved config is the base, key=value "
+                     "overrides apply on top")
+    image_every: int = _f(10, "iterations between sample grids and map overlays (0 = never)",
+                          bounds="[0, inf)")
     checkpoint_every: int = _f(0, "iterations between checkpoints (0 = only at the end, "
-                               "-1 = never)")
+                               "-1 = never, not even on a stop or crash)", bounds="[-1, inf)")
+    keep_checkpoints: int = _f(3, "periodic checkpoints kept (the newest); the best by "
+                               "best_metric and the last one written are kept as well",
+                               bounds="[1, inf)")
+    best_metric: str = _f("reward_mean", "metrics.csv column whose highest value marks the kept "
+                          "'best' checkpoint (empty: none)")
+    debug: bool = _f(False, "show full tracebacks instead of one-line errors (also --debug)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
     progress: bool = _f(True, "show the tqdm progress bar")
     cpu_threads: int = _f(0, "torch intra-op threads when running on the CPU (0: torch's "
-                          "default); tiny models run faster on 1 thread than on 2 shared cores")
+                          "default); tiny models run faster on 1 thread than on 2 shared cores",
+                          bounds="[0, inf)")
 
 
 SECTIONS = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig,
@@ -197,7 +257,17 @@ class Config:
         """A YAML file: an optional ``preset`` key, then sections or flat field names."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({err})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: "
+                              f"{getattr(err, 'problem', None) or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         cfg = cls.from_name(data.pop("preset", "tiny"))
@@ -254,19 +324,11 @@ class Config:
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> "Config":
         """Checks every value before anything is loaded; raises ConfigError naming the field."""
-        for section in SECTIONS:
-            obj = getattr(self, section)
-            for f in dataclasses.fields(obj):
-                choices = f.metadata.get("choices")
-                if choices and getattr(obj, f.name) not in choices:
-                    raise ConfigError(f"{section}.{f.name} must be one of {', '.join(choices)}; "
-                                      f"got {getattr(obj, f.name)!r}")
-        _check_numbers(self)
+        _check_fields(self)
+        _check_steps(self)
         _check_shapes(self)
         _check_batches(self)
         _check_rewards(self)
-        if self.train.algorithm == "vipo":
-            _check_psm()
         return self
 
 
@@ -275,56 +337,35 @@ def _need(ok: bool, key: str, message: str, value) -> None:
         raise ConfigError(f"{key} {message}; got {value!r}")
 
 
-def _check_numbers(cfg: Config) -> None:
-    s, t, p, r = cfg.sample, cfg.train, cfg.psm, cfg.reward
-    for key, value in [("sample.num_steps", s.num_steps), ("sample.group_size", s.group_size),
-                       ("sample.prompts_per_iter", s.prompts_per_iter),
-                       ("sample.sample_batch_size", s.sample_batch_size),
-                       ("train.train_batch_size", t.train_batch_size),
-                       ("train.grad_accum", t.grad_accum), ("train.iterations", t.iterations),
-                       ("train.ema_every", t.ema_every), ("psm.n_components", p.n_components),
-                       ("reward.video_frame_stride", r.video_frame_stride)]:
-        _need(value >= 1, key, "must be >= 1", value)
-    _need(cfg.run.cpu_threads >= 0, "run.cpu_threads", "must be >= 0", cfg.run.cpu_threads)
-    _need(s.num_steps >= 2, "sample.num_steps", "must be >= 2 (the last step is never trained)",
-          s.num_steps)
-    _need(s.group_size >= 2, "sample.group_size", "must be >= 2 (the advantage needs a group "
-          "std)", s.group_size)
-    for key, value in [("sample.shift", s.shift), ("sample.eta", s.eta),
-                       ("sample.noise_level", s.noise_level), ("train.clip_range", t.clip_range),
-                       ("train.adv_clip", t.adv_clip), ("train.lr", t.lr),
-                       ("train.max_grad_norm", t.max_grad_norm), ("reward.eps_std", r.eps_std),
-                       ("train.adam_eps", t.adam_eps)]:
-        _need(math.isfinite(value) and value > 0, key, "must be a finite number > 0", value)
-    for key, value in [("train.kl_coef", t.kl_coef), ("train.weight_decay", t.weight_decay),
-                       ("psm.psm_sigma", p.psm_sigma), ("train.lora_alpha", t.lora_alpha),
-                       ("psm.temporal_sigma", p.temporal_sigma)]:
-        _need(math.isfinite(value) and value >= 0, key, "must be a finite number >= 0", value)
-    for key, value in [("train.timestep_fraction", t.timestep_fraction),
-                       ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
-        _need(0 < value <= 1 if key.endswith("fraction") else 0 <= value < 1, key,
-              "must lie in (0, 1]" if key.endswith("fraction") else "must lie in [0, 1)", value)
-    _need(0 <= p.map_floor <= 1, "psm.map_floor", "must lie in [0, 1]", p.map_floor)
-    _need(0 <= t.ema_decay < 1, "train.ema_decay", "must lie in [0, 1)", t.ema_decay)
-    _need(t.lora_rank >= 0, "train.lora_rank", "must be >= 0", t.lora_rank)
+def _check_fields(cfg: Config) -> None:
+    """Each field against the ``choices`` or ``bounds`` beside it."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), f"{section}.{f.name}"
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+            if choices and value not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+            if bounds:
+                _need(_in_interval(value, bounds), key, _describe_interval(bounds), value)
+
+
+def _check_steps(cfg: Config) -> None:
     _need(cfg.train_steps_per_sample >= 1, "train.timestep_fraction",
-          f"trains no step with num_steps={s.num_steps}; raise it", t.timestep_fraction)
+          f"trains no step with num_steps={cfg.sample.num_steps}; raise it",
+          cfg.train.timestep_fraction)
 
 
 def _check_shapes(cfg: Config) -> None:
     m = cfg.model
     for key, value in [("model.height", m.height), ("model.width", m.width)]:
-        _need(value >= 16 and value % 16 == 0, key, "must be a positive multiple of 16", value)
-    _need(m.num_frames >= 1, "model.num_frames", "must be >= 1", m.num_frames)
+        _need(value % 16 == 0, key, "must be a positive multiple of 16", value)
     if m.arch == "wan":
         _need((m.num_frames - 1) % 4 == 0, "model.num_frames",
               "must satisfy (num_frames - 1) % 4 == 0 for Wan's 4x temporal VAE", m.num_frames)
     else:
         _need(m.num_frames == 1, "model.num_frames", f"must be 1 for the image model "
               f"arch={m.arch}", m.num_frames)
-    _need(m.max_sequence_length >= 1, "model.max_sequence_length", "must be >= 1",
-          m.max_sequence_length)
-    _need(m.guidance_scale >= 0, "model.guidance_scale", "must be >= 0", m.guidance_scale)
 
 
 def _check_batches(cfg: Config) -> None:
@@ -348,14 +389,6 @@ def _check_rewards(cfg: Config) -> None:
         for w in r.reward_weights:
             _need(math.isfinite(float(w)) and float(w) > 0, "reward.reward_weights",
                   "must be finite numbers > 0", r.reward_weights)
-
-
-def _check_psm() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("vipo.psm") is None:
-        raise ConfigError("train.algorithm=vipo needs the Perceptual Structuring Module "
-                          "(vipo.psm), which is not installed; use algorithm=grpo")
 
 
 # ---- keys, types and parsing ----------------------------------------------------------------
@@ -418,28 +451,51 @@ def parse_value(key: str, value, hint):
     raise ConfigError(f"{key}: unsupported field type {hint}")
 
 
-def help_text() -> str:
-    """The ``--help`` listing: usage, presets, then every field with its default and help."""
+def help_text(cfg: "Config | None" = None) -> str:
+    """The ``--help`` listing: usage, presets, then every field with the value it has in
+    ``cfg`` (the preset or file that would run, after overrides) and its help."""
+    cfg = cfg or Config.from_name(DEFAULT_PRESET)
     lines = [
-        "usage: python -m vipo.train [PRESET | CONFIG.yaml] [key=value ...]",
+        "usage: python -m vipo.train [PRESET | CONFIG.yaml] [key=value ...] [--debug]",
         "",
         "RL post-training (GRPO / ViPO) of diffusers flow-matching generators.",
-        "With no arguments, trains the embedded `tiny` preset on the CPU.",
+        f"With no arguments, trains the `{DEFAULT_PRESET}` preset on the CPU.",
         "",
         f"presets: {', '.join(PRESETS)}",
         "keys: a field name alone (lr=1e-5) or with its section (train.lr=1e-5); "
         "lists are comma separated.",
+        "--debug: full tracebacks instead of one-line errors.",
+        "",
+        f"values below: preset {cfg.preset!r} with the given overrides",
     ]
-    base = Config()
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]"]
         for f in dataclasses.fields(cls):
-            default = getattr(getattr(base, section), f.name)
-            if isinstance(default, list):
-                default = ",".join(map(str, default))
-            lines.append(f"  {f.name} (default {default!r})")
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            lines.append(f"  {f.name} (default {value!r})")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def preset_yaml(name: str) -> str:
+    """configs/<name>.yaml: the preset written out in full, generated from PRESETS."""
+    return (f"# Preset `{name}` written out in full (python -m vipo.train configs/{name}.yaml).\n"
+            f"# Generated from vipo/config.py PRESETS by `python -m vipo.config`; do not edit.\n"
+            + Config.from_name(name).to_yaml())
+
+
+def write_preset_yamls(folder) -> list:
+    """Regenerates configs/*.yaml from PRESETS; returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in PRESETS:
+        path = folder / f"{name}.yaml"
+        path.write_text(preset_yaml(name), encoding="utf-8")
+        paths.append(path)
+    return paths
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -519,3 +575,12 @@ PRESETS: dict[str, dict] = {
         "run": {"image_every": 10, "checkpoint_every": 50},
     },
 }
+
+
+# The preset `python -m vipo.train` runs with no arguments.
+DEFAULT_PRESET = "tiny"
+
+
+if __name__ == "__main__":
+    for written in write_preset_yamls(Path(__file__).resolve().parents[1] / "configs"):
+        print(f"wrote {written}")

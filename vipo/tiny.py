@@ -11,7 +11,6 @@ up), not image quality. A later issue gives it pretrained weights.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -240,8 +239,3 @@ def ensure_backbone(root=None) -> Path:
         build_dinov2(folder)
     return folder
 
-
-def describe(folder) -> str:
-    """One line naming a tiny world's transformer class and parameter count, for logs."""
-    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
-    return f"{cfg['_class_name']} ({cfg.get('num_layers', '?')} layers)"
