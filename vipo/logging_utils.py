@@ -3,26 +3,55 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger("vipo")
+
 
 class MetricsLogger:
     """Appends one row per iteration to ``metrics.csv`` (fixed columns, from the first row)
-    and mirrors every scalar to TensorBoard under ``<run>/tensorboard``."""
+    and mirrors every scalar to TensorBoard under ``<run>/tensorboard``.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    ``start`` > 0 continues a resumed run: rows from iteration ``start`` on (written after
+    the checkpoint it resumes) are dropped, the rest kept, and new rows appended. A failure
+    to write metrics.csv is an error; TensorBoard is optional and only warns."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, start: int = 0):
         self.path = Path(run_dir) / "metrics.csv"
         self.columns: list | None = None
+        self.rows: list[dict] = []  # the kept rows of a resumed run, as floats
+        if start > 0 and self.path.is_file():
+            self._truncate(start)
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                            purge_step=start or None)
+            except OSError as err:
+                logger.warning("TensorBoard logs disabled: %s", err)
+
+    def _truncate(self, start: int) -> None:
+        with self.path.open(newline="") as f:
+            reader = csv.reader(f)
+            self.columns = next(reader, None)
+            kept = [r for r in reader if r and float(r[0]) < start]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([self.columns] + kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.rows = [{k: float(v) if v != "" else math.nan for k, v in zip(self.columns, r)
+                      if k != "iteration"} for r in kept]
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"iteration": step, **{k: _scalar(v) for k, v in metrics.items()}}
@@ -36,9 +65,13 @@ class MetricsLogger:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "iteration" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            try:
+                for key, value in row.items():
+                    if key != "iteration" and math.isfinite(value):
+                        self.writer.add_scalar(key, value, step)
+            except OSError as err:
+                logger.warning("TensorBoard logs disabled: %s", err)
+                self.writer = None
 
     def close(self) -> None:
         if self.writer is not None:

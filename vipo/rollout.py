@@ -81,6 +81,16 @@ class Rollout:
     def num_samples(self) -> int:
         return len(self.prompts)
 
+    @classmethod
+    def cat(cls, parts: list, groups: list) -> "Rollout":
+        """One rollout from single-group ``parts``; ``groups`` names each part's group."""
+        size = parts[0].num_samples
+        ids = torch.tensor(groups, device=parts[0].latents.device).repeat_interleave(size)
+        cond = {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond}
+        return cls([q for p in parts for q in p.prompts], ids, cond,
+                   torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]),
+                   torch.cat([p.media for p in parts]))
+
 
 @torch.no_grad()
 def rollout(adapter, model, schedule: Schedule, prompts: list, *, group_size: int,

@@ -6,10 +6,11 @@ One iteration (METHOD.md 7), one method per phase:
   advantages  group-normalised advantages, then PSM allocation maps (ViPO)
   optimize    recompute the velocity on a random subset of steps; fused vipo_loss; AdamW
   log         metrics CSV + TensorBoard, sample grids, map overlays
-  checkpoint  trained weights (and EMA) as safetensors
+  checkpoint  weights, optimizer, RNG and data order, atomically (vipo.checkpointing)
 ``setup`` builds everything through ``accelerate.Accelerator`` (DDP/FSDP on GPUs via
-``accelerate launch``; ``cpu=True`` without CUDA). With no arguments the ``tiny`` preset
-trains an embedded random SD3-architecture model on the CPU.
+``accelerate launch``; ``cpu=True`` without CUDA; what differs across processes lives in
+vipo.distributed). ``run`` turns SIGTERM/SIGINT and errors into a resumable checkpoint and
+a one-line message (vipo.faults); ``resume=`` continues a run exactly.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .advantages import group_advantages, normalise_maps
-from .config import Config, ConfigError, help_text
+from . import faults
+from .advantages import normalise_maps
+from .config import DEFAULT_PRESET, Config, ConfigError, help_text
+from .distributed import PromptSampler, global_advantages, group_generator, reduce_stats
+from .faults import TrainingError
 from .logging_utils import MetricsLogger, PhaseTimer, save_grid, summary_line
 from .plots import plot_curves
 
@@ -44,7 +48,12 @@ BUILTIN_PROMPTS = [
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()
-        self.setup()
+        self.run_dir = None
+        try:
+            self.setup()
+        except BaseException:
+            self._remove_unused_run_dir()
+            raise
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -66,40 +75,79 @@ class Trainer:
             torch.set_num_threads(cfg.run.cpu_threads)
         set_seed(t.seed + acc.process_index)
         self.rng = random.Random(t.seed + acc.process_index)
-        self.generator = torch.Generator(acc.device).manual_seed(t.seed + acc.process_index)
-        self.run_dir = self._make_run_dir()
+        self.run_dir, resume_from = self._run_dir()
+        self.prompts = load_prompts(cfg.sample.prompts)
+        self.sampler = PromptSampler(len(self.prompts), t.seed, cfg.sample.prompts_per_iter,
+                                     acc.num_processes, acc.process_index)
+        # Rewards and the PSM backbone load first: a bad name fails before the big model.
+        self.rewards = self._load_rewards()
+        self.psm = self._load_psm() if t.algorithm == "vipo" else None
         weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.adapter = self._load_adapter(weight_dtype)
         params = self._trainable_parameters()
         self.ref_model = self._reference_model()
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay, eps=t.adam_eps)
+        warmup = t.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.model, self.optimizer = acc.prepare(self.adapter.transformer, optimizer)
         self.params = params
         self.ema = self._ema(params)
-        self.rewards = self._load_rewards()
-        self.psm = self._load_psm() if t.algorithm == "vipo" else None
         from .rollout import Schedule
 
         self.schedule = Schedule.build(cfg.sample, acc.device)
-        self.prompts = load_prompts(cfg.sample.prompts)
         self.timer = PhaseTimer(acc.device)
-        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard) \
+        self.optimizer_steps = self.bad_steps = self.dropped_iters = self.start_iteration = 0
+        self.skipped_steps, self._stepped, self._bad_loss = 0, False, False
+        self.last_checkpoint, self._saving, self._snapshot = None, False, None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, self.start_iteration) \
             if acc.is_main_process else None
-        self.history: list[dict] = []
-        self.optimizer_steps = 0
+        self.history: list[dict] = self.metrics.rows if self.metrics else []
 
-    def _make_run_dir(self) -> Path:
+    def _run_dir(self) -> tuple[Path, Path | None]:
+        """(run folder, checkpoint to resume): a new folder, or the resumed run's."""
         from accelerate.utils import broadcast_object_list
 
-        run = self.cfg.run
-        name = [run.run_name or f"{self.cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        broadcast_object_list(name)  # every process writes into the main process's folder
-        run_dir = Path(run.output_dir) / name[0]
-        if self.accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        return run_dir
+        from .run_dir import create_run_dir, find_resume
+
+        run, acc = self.cfg.run, self.accelerator
+        found = [None, None]
+        if acc.is_main_process:  # only the main process touches the file system
+            if run.resume:
+                found = list(find_resume(run.resume, run.output_dir, run.run_name))
+            else:
+                found[0] = create_run_dir(run.output_dir, run.run_name, self.cfg.preset)
+            saved = copy.deepcopy(self.cfg)
+            saved.run.resume = ""
+            (found[0] / "config.yaml").write_text(saved.to_yaml())
+        broadcast_object_list(found)  # every process writes into the main process's folder
+        self._new_run_dir = not run.resume
+        return Path(found[0]), found[1] and Path(found[1])
+
+    def _remove_unused_run_dir(self) -> None:
+        """A run that failed during setup leaves no folder behind (only its config.yaml
+        was written), so the name can be used again."""
+        folder = self.run_dir
+        if folder is None or not getattr(self, "_new_run_dir", False) or \
+                not self.accelerator.is_main_process:
+            return
+        if [p.name for p in folder.iterdir()] == ["config.yaml"]:
+            (folder / "config.yaml").unlink()
+            folder.rmdir()
+
+    def _resume(self, folder: Path) -> None:
+        from .checkpointing import load_checkpoint
+
+        state = load_checkpoint(self, folder)
+        self.start_iteration, self.optimizer_steps = state["iteration"], state["optimizer_steps"]
+        self.bad_steps, self.dropped_iters = state["bad_steps"], state["dropped_iters"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.last_checkpoint = folder
+        logger.info("resuming %s from iteration %d", folder, self.start_iteration)
 
     def _load_adapter(self, weight_dtype):
         from .adapters import get_adapter
@@ -110,7 +158,8 @@ class Trainer:
 
             with self.accelerator.main_process_first():
                 model_cfg.path = str(tiny.ensure_world(model_cfg.arch))
-        return get_adapter(model_cfg.arch)(model_cfg, self.accelerator.device, weight_dtype)
+        with faults.loading(f"the {model_cfg.arch} pipeline (model.path)", model_cfg.path):
+            return get_adapter(model_cfg.arch)(model_cfg, self.accelerator.device, weight_dtype)
 
     def _trainable_parameters(self) -> list:
         t, transformer = self.cfg.train, self.adapter.transformer
@@ -150,8 +199,11 @@ class Trainer:
     def _load_rewards(self) -> list:
         from .rewards import build_reward
 
-        return [build_reward(name, self.cfg.reward, self.accelerator.device)
-                for name in self.cfg.reward.reward]
+        rewards = []
+        for name in self.cfg.reward.reward:
+            with faults.loading("the reward", name):
+                rewards.append(build_reward(name, self.cfg.reward, self.accelerator.device))
+        return rewards
 
     def _load_psm(self):
         from .psm import PerceptualStructuringModule
@@ -165,49 +217,63 @@ class Trainer:
                 path = str(tiny.ensure_backbone())
         # normalize="minmax" here: map_norm is applied by the trainer (normalise_maps), which
         # keeps the kernel's map in [0, 1] for every norm.
-        return PerceptualStructuringModule.from_pretrained(
-            path, device=self.accelerator.device, n_components=p.n_components,
-            aggregation=p.aggregation, sigma=p.psm_sigma, normalize="minmax")
+        with faults.loading("the PSM backbone (psm.backbone)", path):
+            return PerceptualStructuringModule.from_pretrained(
+                path, device=self.accelerator.device, n_components=p.n_components,
+                aggregation=p.aggregation, sigma=p.psm_sigma, normalize="minmax")
 
     # ------------------------------------------------------------------ sample
-    def sample(self):
-        from .rollout import rollout
+    def sample(self, it: int = 0):
+        """This process's shard of the iteration's prompts; each group draws its noise from
+        its own generator (vipo.distributed), so the samples do not depend on the layout."""
+        from .rollout import Rollout, rollout
 
-        s = self.cfg.sample
-        prompts = [self.rng.choice(self.prompts) for _ in range(s.prompts_per_iter)]
+        s, device = self.cfg.sample, self.accelerator.device
+        indices, groups = self.sampler.next()
         with self.timer("sampling"):
-            return rollout(self.adapter, self.model, self.schedule, prompts,
-                           group_size=s.group_size, same_init_noise=s.same_init_noise,
-                           batch_size=s.sample_batch_size, ratio_level=self.cfg.train.ratio_level,
-                           decode_from=s.decode_from, generator=self.generator,
-                           autocast=self.accelerator.autocast,
-                           backend=self.cfg.train.kernel_backend)
+            parts = [rollout(self.adapter, self.model, self.schedule, [self.prompts[i]],
+                             group_size=s.group_size, same_init_noise=s.same_init_noise,
+                             batch_size=s.sample_batch_size,
+                             ratio_level=self.cfg.train.ratio_level, decode_from=s.decode_from,
+                             generator=group_generator(self.cfg.train.seed, it, g, device),
+                             autocast=self.accelerator.autocast,
+                             backend=self.cfg.train.kernel_backend)
+                     for i, g in zip(indices, groups)]
+        roll = Rollout.cat(parts, groups)
+        if not bool(torch.isfinite(roll.latents).all()):
+            raise TrainingError(
+                f"iteration {it}: the policy produced non-finite latents, so the model has "
+                f"diverged; lower train.lr (now {self.cfg.train.lr:g}) or check the rewards. "
+                f"Its weights are not saved; {self._last_good()}", save=False)
+        return roll
 
     # ------------------------------------------------------------------ score
     def score(self, roll) -> torch.Tensor:
         """(N, K) float32 rewards, one column per configured reward."""
         from .rewards import score_media
 
+        columns = []
         with self.timer("reward"):
-            columns = [score_media(fn, roll.media, roll.prompts, self.cfg.reward, name)
-                       for fn, name in zip(self.rewards, self.cfg.reward.reward)]
+            for fn, name in zip(self.rewards, self.cfg.reward.reward):
+                try:
+                    columns.append(score_media(fn, roll.media, roll.prompts, self.cfg.reward,
+                                               name))
+                except Exception as err:
+                    if faults.is_oom(err):
+                        raise
+                    raise TrainingError(f"reward {name!r} raised {faults.one_line(err)}") \
+                        from err
         return torch.stack(columns, dim=1)
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, roll, rewards):
         """Group advantages (METHOD.md 5), then the allocation maps of kept samples (6)."""
-        r = self.cfg.reward
-        batch_std = None
-        if r.std_scope == "batch":
-            every = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
-            if r.multi_reward == "sum_rewards":
-                every = (every * torch.tensor(self.cfg.reward_weights)).sum(1, keepdim=True)
-            every = every[torch.isfinite(every).all(dim=1)]
-            batch_std = every.std(dim=0, unbiased=True)
-        adv = group_advantages(rewards, roll.groups.cpu(), self.cfg.reward_weights,
-                               mode=r.multi_reward, eps_std=r.eps_std,
-                               nonfinite=r.nonfinite_reward, batch_std=batch_std,
-                               names=r.reward)
+        try:
+            adv = global_advantages(self.accelerator, rewards, roll.groups.cpu(),
+                                    self.cfg.reward_weights, self.cfg.reward, roll.prompts)
+        except ValueError as err:  # a non-finite reward, named with its sample and prompt
+            raise TrainingError(str(err)) from err
+        self._count_dropped(adv)
         maps, raw = None, None
         scale = torch.ones(roll.num_samples)
         if self.psm is not None:
@@ -215,6 +281,21 @@ class Trainer:
                 raw = self.allocation_maps(roll.media)
                 maps, scale = normalise_maps(raw, self.cfg.psm.map_norm, self.cfg.psm.map_floor)
         return adv, maps, scale.cpu(), raw
+
+    def _count_dropped(self, adv) -> None:
+        """Stops a run whose every group is dropped (non-finite rewards) for
+        reward.max_dropped_iters iterations in a row: it would learn nothing."""
+        if adv.total_groups == 0 or adv.dropped_groups < adv.total_groups:
+            self.dropped_iters = 0
+            return
+        self.dropped_iters += 1
+        limit = self.cfg.reward.max_dropped_iters
+        logger.warning("every group had a non-finite reward and was dropped (%d of %d "
+                       "iterations allowed in a row)", self.dropped_iters, limit)
+        if self.dropped_iters >= limit:
+            raise TrainingError(f"nonfinite_reward=drop_group dropped every group for {limit} "
+                                f"iterations in a row: the rewards {self.cfg.reward.reward} are "
+                                f"non-finite, so nothing is learned; check the reward")
 
     def allocation_maps(self, media: torch.Tensor) -> torch.Tensor:
         """PSM maps (N, *S) on the latent grid of the loss, in [0, 1]."""
@@ -296,14 +377,38 @@ class Trainer:
             first_stats = first_stats or stats
         acc.backward(loss)
         out = {"loss": loss.detach(), **first_stats}
+        self._bad_loss = self._bad_loss or not bool(torch.isfinite(loss))
         if acc.sync_gradients:
-            out["grad_norm"] = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+            out["grad_norm"] = self._optimizer_step()
+        return out
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, then step, unless the accumulated loss or the gradient norm is non-finite:
+        that step is skipped and counted, and train.max_bad_steps skips in a row stop the
+        run. The norm is taken after DDP's all-reduce, so every process decides alike."""
+        t = self.cfg.train
+        norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+        if self._bad_loss or not bool(torch.isfinite(norm)):
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            logger.warning("non-finite loss or gradient norm (%s): optimiser step skipped "
+                           "(%d in a row)", float(norm), self.bad_steps)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps, self._stepped = 0, True
             self.optimizer_steps += 1
             if self.ema is not None and self.optimizer_steps % t.ema_every == 0:
                 self.ema.step(self.params)
-        self.optimizer.step()  # a no-op until accelerate syncs gradients
         self.optimizer.zero_grad()
-        return out
+        self._bad_loss = False
+        if self.bad_steps >= t.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} optimiser steps in a row had a non-finite loss or gradient "
+                f"norm and were skipped: training has likely diverged; lower train.lr (now "
+                f"{t.lr:g}) or check the rewards for extreme values; {self._last_good()}",
+                save=False)
+        return norm
 
     @torch.no_grad()
     def _reference_velocity(self, z, k, cond):
@@ -322,6 +427,7 @@ class Trainer:
     # ------------------------------------------------------------------ log
     def log(self, it: int, roll, rewards, adv, raw_maps, train_stats: dict) -> dict:
         acc, cfg = self.accelerator, self.cfg
+        train_stats = reduce_stats(acc, train_stats)
         every = acc.gather(rewards.to(acc.device)).float().cpu()  # (N * processes, K)
         finite = every[torch.isfinite(every).all(dim=1)]
         row = {"reward_mean": finite[:, 0].mean(), "reward_std": finite[:, 0].std()}
@@ -331,7 +437,8 @@ class Trainer:
         row.update(zero_std_groups=adv.zero_std_groups, dropped_groups=adv.dropped_groups,
                    map_mean=raw_maps.mean() if raw_maps is not None else 1.0,
                    psm_failures=self.psm.failures if self.psm is not None else 0,
-                   optimizer_steps=self.optimizer_steps, lr=self.optimizer.param_groups[0]["lr"])
+                   optimizer_steps=self.optimizer_steps, skipped_steps=self.skipped_steps,
+                   lr=self.optimizer.param_groups[0]["lr"])
         stat_keys = ("loss", "loss_clip", "loss_kl", "clip_frac_low", "clip_frac_high",
                      "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "grad_norm",
                      "onpolicy_max_abs_log_ratio")
@@ -345,7 +452,8 @@ class Trainer:
             self.metrics.log(it, row)
             every_n = cfg.run.image_every
             if every_n and (it % every_n == 0 or it == cfg.train.iterations - 1):
-                self._save_images(it, roll.media, raw_maps)
+                with faults.warn_on_failure(f"the sample images of iteration {it}"):
+                    self._save_images(it, roll.media, raw_maps)
         return row
 
     def _save_images(self, it: int, media, maps) -> None:
@@ -361,63 +469,133 @@ class Trainer:
                       nrow=self.cfg.sample.group_size)
 
     # ------------------------------------------------------------------ checkpoint
-    def checkpoint(self, tag: str) -> Path | None:
-        """Trained weights as safetensors: the full transformer (save_pretrained) or the
-        LoRA weights (peft state dict), plus the EMA weights when enabled."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        state = acc.get_state_dict(self.model)  # gathers FSDP shards on every process
-        if not acc.is_main_process:
-            return None
-        from safetensors.torch import save_file
+    def checkpoint(self, tag: str, iteration: int, kind: str, snapshot: dict | None = None):
+        """Saves a resumable checkpoint (vipo.checkpointing) of the state after ``iteration``
+        iterations, or of ``snapshot`` (the state taken when that iteration began)."""
+        from .checkpointing import prune, save_checkpoint
 
-        folder = self.run_dir / "checkpoints" / tag
-        model = acc.unwrap_model(self.model)
-        if self.cfg.train.lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-
-            folder.mkdir(parents=True, exist_ok=True)
-            lora = get_peft_model_state_dict(model, state_dict=state)
-            save_file({k: v.contiguous().cpu() for k, v in lora.items()},
-                      folder / "lora.safetensors")
-        else:
-            model.save_pretrained(folder / "transformer", state_dict=state,
-                                  safe_serialization=True)
-        if self.ema is not None:
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            save_file({n: p.detach().contiguous().cpu()
-                       for n, p in zip(names, self.ema.shadow_params)}, folder / "ema.safetensors")
+        snap = snapshot or self._state_now()
+        metric = self.cfg.run.best_metric
+        state = {"iteration": iteration, "kind": kind, "sampler": snap["sampler"],
+                 "optimizer_steps": snap["optimizer_steps"], "bad_steps": snap["bad_steps"],
+                 "dropped_iters": snap["dropped_iters"],
+                 "scheduler": self.scheduler.state_dict(),
+                 "ema": {k: v for k, v in self.ema.state_dict().items()
+                         if k != "shadow_params"} if self.ema is not None else None,
+                 "metric": self.history[-1].get(metric) if metric and self.history else None}
+        self._saving = True
+        try:
+            folder = save_checkpoint(self, tag, state, snap["rng"])
+        finally:
+            self._saving = False
+        if self.accelerator.is_main_process and kind != "final":
+            prune(self.run_dir, self.cfg.run.keep_checkpoints, metric)
+        self.last_checkpoint = folder
         return folder
+
+    def _state_now(self) -> dict:
+        from .checkpointing import capture_rng
+
+        return {"rng": capture_rng(self.rng), "sampler": self.sampler.state_dict(),
+                "optimizer_steps": self.optimizer_steps, "bad_steps": self.bad_steps,
+                "dropped_iters": self.dropped_iters}
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved before"
+        return f"the last good checkpoint is {self.last_checkpoint}"
 
     @property
     def adv_weights(self) -> list:
         return self.cfg.reward_weights if self.cfg.reward.multi_reward == "per_reward" else [1.0]
 
     # ------------------------------------------------------------------ loop
+    def iteration(self, it: int) -> dict:
+        """One iteration of the named phases; an OOM names its phase and what to shrink."""
+        cfg = self.cfg
+        with faults.phase("sampling", cfg):
+            roll = self.sample(it)
+        with faults.phase("reward", cfg):
+            rewards = self.score(roll)
+        with faults.phase("psm", cfg):
+            adv, maps, scale, raw = self.advantages(roll, rewards)
+        with faults.phase("training", cfg):
+            stats = self.optimize(roll, adv, maps, scale)
+        return self.log(it, roll, rewards, adv, raw, stats)
+
     def run(self) -> dict:
+        """The loop. A stop signal ends it after the current iteration with a checkpoint
+        (RunStopped); an error saves one first unless the state is not worth it."""
         from tqdm.auto import tqdm
 
         cfg, start = self.cfg, time.perf_counter()
-        bar = tqdm(range(cfg.train.iterations), desc="vipo", dynamic_ncols=True,
+        saving = cfg.run.checkpoint_every >= 0
+        bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="vipo",
+                   dynamic_ncols=True, initial=self.start_iteration, total=cfg.train.iterations,
                    disable=not (cfg.run.progress and self.accelerator.is_main_process))
-        for it in bar:
-            roll = self.sample()
-            rewards = self.score(roll)
-            adv, maps, scale, raw = self.advantages(roll, rewards)
-            stats = self.optimize(roll, adv, maps, scale)
-            row = self.log(it, roll, rewards, adv, raw, stats)
-            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.2e}")
-            every = cfg.run.checkpoint_every
-            if every > 0 and (it + 1) % every == 0 and it + 1 < cfg.train.iterations:
-                self.checkpoint(f"iter{it + 1:06d}")
-        if cfg.run.checkpoint_every >= 0:
-            self.checkpoint("final")
+        try:
+            with faults.StopSignals() as stop:
+                for it in bar:
+                    self._snapshot = {**self._state_now(), "iteration": it}
+                    self._stepped = self._bad_loss = False
+                    self.skipped_steps = 0
+                    row = self.iteration(it)
+                    bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.2e}")
+                    self._snapshot = None
+                    if it + 1 < cfg.train.iterations:
+                        self._between_iterations(it + 1, stop)
+                if saving:
+                    self.checkpoint("final", cfg.train.iterations, "final")
+        except BaseException as err:
+            if saving and not isinstance(err, faults.RunStopped):
+                self._save_after_failure(err)
+            raise
+        finally:
+            bar.close()
+            self._close()
+        return self._finish(start)
+
+    def _between_iterations(self, done: int, stop) -> None:
+        """The periodic checkpoint, and the stop one (then RunStopped) after a signal."""
+        every, signum = self.cfg.run.checkpoint_every, self._stop_requested(stop)
+        if self.cfg.run.checkpoint_every >= 0 and (signum or every > 0 and done % every == 0):
+            self.checkpoint(f"iter{done:06d}", done, "stop" if signum else "periodic")
+        if signum:
+            raise faults.RunStopped(signum)
+
+    def _stop_requested(self, stop) -> int | None:
+        """The signal, if any process received one (all stop together)."""
+        flag = torch.tensor([stop.requested or 0], device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "max")) or None \
+            if self.accelerator.num_processes > 1 else stop.requested
+
+    def _save_after_failure(self, err: BaseException) -> None:
+        """A crash checkpoint: exact (the iteration's start) when no optimiser step had been
+        taken in it, else the state as it is, counted as a finished iteration."""
+        worth = getattr(err, "save", True) and not isinstance(err, KeyboardInterrupt)
+        if self._saving or not worth or self._snapshot is None:
+            return
+        it = self._snapshot["iteration"]
+        try:
+            if self._stepped:
+                self.checkpoint(f"iter{it + 1:06d}", it + 1, "crash")
+            else:
+                self.checkpoint(f"iter{it:06d}", it, "crash", self._snapshot)
+        except Exception as save_err:  # noqa: BLE001 - report the original error first
+            logger.error("the crash checkpoint could not be written either: %s",
+                         faults.one_line(save_err))
+
+    def _close(self) -> None:
+        if self.accelerator.is_main_process and self.metrics is not None:
+            self.metrics.close()
+            if self.history:
+                with faults.warn_on_failure("curves.png"):
+                    plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+
+    def _finish(self, start: float) -> dict:
         seconds = time.perf_counter() - start
         line = summary_line(self.history, seconds, self.run_dir)
         if self.accelerator.is_main_process:
-            self.metrics.close()
-            if self.history:
-                plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
             print(line, flush=True)
         return {"run_dir": self.run_dir, "history": self.history, "summary": line,
                 "seconds": seconds}
@@ -437,39 +615,97 @@ def load_prompts(source: str) -> list:
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"sample.prompts: {source!r} is neither 'builtin' nor a file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"sample.prompts: {source!r} is not UTF-8 text (byte {err.start}); "
+                          f"save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"sample.prompts: cannot read {source!r} ({err})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"sample.prompts: {source!r} holds no prompt")
     return prompts
 
 
 def parse_args(args: list) -> Config:
-    """[PRESET | CONFIG.yaml] then key=value overrides -> a validated Config."""
+    """[PRESET | CONFIG.yaml] then key=value overrides -> a validated Config. With
+    ``resume=``, the resumed run's saved config.yaml is the base instead."""
     args = list(args)
-    cfg = Config.from_name("tiny")
-    if args and "=" not in args[0]:
-        first = args.pop(0)
-        cfg = Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else \
-            Config.from_name(first)
+    first = args.pop(0) if args and "=" not in args[0] else None
+    cfg = Config.from_name(DEFAULT_PRESET) if first is None else \
+        Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else Config.from_name(first)
     cfg.apply_overrides(args)
+    if cfg.run.resume:
+        from .run_dir import find_resume
+
+        if first is not None:
+            raise ConfigError(f"run.resume: continues the run's saved config; give key=value "
+                              f"overrides only, not {first!r}")
+        run_dir, _ = find_resume(cfg.run.resume, cfg.run.output_dir, cfg.run.run_name)
+        resume = cfg.run.resume
+        cfg = Config.from_yaml(run_dir / "config.yaml")
+        cfg.apply_overrides(args)
+        cfg.run.resume = resume
     if cfg.sample.prompts != "builtin":
         load_prompts(cfg.sample.prompts)
     return cfg.validate()
 
 
+def _help(args: list) -> str:
+    """--help for the preset or file (and overrides) that would run."""
+    rest = [a for a in args if a not in ("-h", "--help", "--debug")]
+    first = rest.pop(0) if rest and "=" not in rest[0] else None
+    cfg = Config.from_name(DEFAULT_PRESET) if first is None else \
+        Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else Config.from_name(first)
+    cfg.apply_overrides(rest)
+    return help_text(cfg)
+
+
 def main(argv: list | None = None) -> int:
+    """Exit codes: 0 done, 1 error (one line; --debug for the traceback), 2 config or load
+    error, 128 + signal number after a stop signal (the checkpoint is saved)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(help_text())
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    trainer = None
     try:
-        trainer = Trainer(parse_args(args))
-    except ConfigError as err:
-        print(f"vipo.train: config error: {err}", file=sys.stderr)
+        if any(a in ("-h", "--help") for a in args):
+            print(_help(args))
+            return 0
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        cfg = parse_args(args)
+        debug = debug or cfg.run.debug
+        trainer = Trainer(cfg)
+        trainer.run()
+        return 0
+    except faults.RunStopped as stop:
+        print(f"vipo.train: stopped by {stop}; {_saved(trainer)}", file=sys.stderr)
+        return 128 + stop.signum
+    except (ConfigError, faults.LoadError) as err:
+        if debug:
+            raise
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"vipo.train: {kind}: {err}", file=sys.stderr)
         return 2
-    trainer.run()
-    return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"vipo.train: interrupted; {_saved(trainer)}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure gets its one line
+        if debug:
+            raise
+        print(f"vipo.train: error: {faults.one_line(err)}; {_saved(trainer)} (--debug shows "
+              f"the traceback)", file=sys.stderr)
+        return 1
+
+
+def _saved(trainer) -> str:
+    if trainer is None or trainer.last_checkpoint is None:
+        return "no checkpoint saved"
+    return (f"checkpoint {trainer.last_checkpoint}; continue with "
+            f"resume={trainer.run_dir}")
 
 
 if __name__ == "__main__":
