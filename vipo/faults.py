@@ -119,6 +119,8 @@ def _why(err: Exception, name: str) -> str:
     if bad is not None:
         return f"the file {str(bad)!r} is corrupt or truncated"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if name in text:  # the loader's own message already names it (and says why)
+        return text[:400]
     if not Path(name).exists() and ("/" not in name or name.count("/") == 1):
         return (f"not a local folder, and the hub cannot provide it ({text[:200]}); check "
                 f"the id, the network, or HF_HUB_OFFLINE")

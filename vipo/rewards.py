@@ -143,7 +143,8 @@ class CLIPScorer:
         from transformers import AutoProcessor, CLIPModel
 
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(model_path).to(self.device).eval()
+        self.model = CLIPModel.from_pretrained(model_path, use_safetensors=True)
+        self.model = self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         processor = AutoProcessor.from_pretrained(processor_path)
         self.tokenizer = processor.tokenizer

@@ -12,6 +12,7 @@ up), not image quality. A later issue gives it pretrained weights.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -100,7 +101,6 @@ def _image_vae(latent_channels: int, *, shift: float | None):
 def _write(folder: Path, pipe) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / "TINY_WORLD").write_text("random weights, built by vipo.tiny\n")
     return folder
 
 
@@ -221,21 +221,35 @@ def default_cache() -> Path:
     return Path(os.environ.get("VIPO_TINY_CACHE", Path.home() / ".cache" / "vipo" / "tiny"))
 
 
-def ensure_world(arch: str, root=None) -> Path:
-    """Folder of the tiny ``arch`` pipeline (``sd3``, ``flux`` or ``wan``), built on first use.
+# Bumped whenever a builder changes, so that caches built by older code are rebuilt.
+CACHE_VERSION = "2"
+MARKER = "TINY_WORLD"
 
-    A ``TINY_WORLD`` marker written last makes a half-written folder get rebuilt."""
+
+def _cached(folder: Path, build) -> Path:
+    """``folder`` built by ``build(folder)``, reused only when its marker names this
+    CACHE_VERSION. The build goes to a temporary sibling that is renamed into place after
+    the marker is written, so a build cut short is never mistaken for a finished one."""
+    marker = folder / MARKER
+    if marker.is_file() and marker.read_text().split("\n")[0] == f"version {CACHE_VERSION}":
+        return folder
+    tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    (tmp / MARKER).write_text(f"version {CACHE_VERSION}\nrandom weights, built by vipo.tiny\n")
+    shutil.rmtree(folder, ignore_errors=True)  # an older version, or a half-written folder
+    os.replace(tmp, folder)
+    return folder
+
+
+def ensure_world(arch: str, root=None) -> Path:
+    """Folder of the tiny ``arch`` pipeline (``sd3``, ``flux`` or ``wan``), built on first
+    use (and rebuilt when half-written or from another CACHE_VERSION)."""
     if arch not in BUILDERS:
         raise ValueError(f"tiny world arch must be one of {sorted(BUILDERS)}, got {arch!r}")
-    folder = Path(root or default_cache()) / arch
-    if not (folder / "TINY_WORLD").exists():
-        BUILDERS[arch](folder)
-    return folder
+    return _cached(Path(root or default_cache()) / arch, BUILDERS[arch])
 
 
 def ensure_backbone(root=None) -> Path:
-    folder = Path(root or default_cache()) / "dinov2"
-    if not (folder / "config.json").exists():
-        build_dinov2(folder)
-    return folder
-
+    """Folder of the tiny DINOv2 backbone, cached like ensure_world."""
+    return _cached(Path(root or default_cache()) / "dinov2", build_dinov2)

@@ -85,7 +85,7 @@ def sde_step(model_output, sample, noise, *, coef_sample, coef_output, std, back
     """
     batch, _, spatial = check_latents(model_output=model_output, sample=sample, noise=noise)
     cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, sample.device)
-    check_values(sd)
+    check_values(sd, coef_sample=cs, coef_output=co)
     impl = backends.resolve(backend, sample.device)
     with torch.no_grad():
         if impl is None:
@@ -108,7 +108,7 @@ def log_prob(model_output, sample, next_sample, *, coef_sample, coef_output, std
                                              next_sample=next_sample)
     check_ratio_level(ratio_level)
     cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, sample.device)
-    check_values(sd)
+    check_values(sd, coef_sample=cs, coef_output=co)
     impl = backends.resolve(backend, sample.device)
     if impl is None:
         return reference.log_prob_reference(model_output, sample, next_sample, coef_sample=cs,
@@ -274,7 +274,7 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
         check_latents(model_output=model_output, ref_model_output=ref_model_output)
     ref = ref_model_output if kl_coef > 0 else None
     cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, device)
-    check_values(sd, advantages, allocation_map, old_log_prob)
+    check_values(sd, advantages, allocation_map, old_log_prob, coef_sample=cs, coef_output=co)
 
     impl = backends.resolve(backend, device)
     if impl is None:
@@ -283,9 +283,9 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
         # tests/test_kernels.py::test_under_torch_compile.
         run_reference = (torch.compiler.disable(_reference_loss)
                          if torch.compiler.is_compiling() else _reference_loss)
-        return run_reference(model_output, sample, next_sample, old_log_prob, advantages,
-                             allocation_map, cs, co, sd, clip_range, adv_clip, ratio_level,
-                             kl_coef, ref)
+        return _flag_nonfinite(*run_reference(
+            model_output, sample, next_sample, old_log_prob, advantages, allocation_map, cs,
+            co, sd, clip_range, adv_clip, ratio_level, kl_coef, ref))
 
     hp = {"clip_range": float(clip_range), "adv_clip": float(adv_clip), "kl_coef": float(kl_coef),
           "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
@@ -293,7 +293,21 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
     loss, stats = run(impl, model_output, sample, next_sample, old_log_prob, advantages,
                                allocation_map, cs, co, sd, ref, hp)
     values = dict(zip(KERNEL_STATS, stats.unbind()))
-    return loss, {name: values[name] for name in STAT_NAMES}
+    return _flag_nonfinite(loss, {name: values[name] for name in STAT_NAMES})
+
+
+def _flag_nonfinite(loss, stats):
+    """NaN or inf in model_output, sample or next_sample makes some log-ratio non-finite,
+    hence approx_kl (a mean of squared log-ratios). The clipped loss alone can stay finite
+    (an inf residual gives ratio 0) while the gradient is NaN, and the backends' min/max
+    treat NaN differently; so every backend returns a NaN loss and NaN ratio statistics
+    then, for the trainer's guard to catch. No host sync: 0 * approx_kl is 0 when finite."""
+    kl = stats["approx_kl"]
+    poisoned = ~torch.isfinite(kl)
+    nan = torch.full_like(kl, float("nan"))
+    for name in ("ratio_mean", "ratio_min", "ratio_max", "loss_clip"):
+        stats[name] = torch.where(poisoned, nan, stats[name])
+    return loss + torch.where(poisoned, nan, torch.zeros_like(kl)).to(loss.dtype), stats
 
 
 def _reference_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map,

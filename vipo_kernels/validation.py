@@ -84,13 +84,18 @@ def check_hyperparameters(clip_range, adv_clip, kl_coef) -> None:
 
 def check_values(std: torch.Tensor, advantages: torch.Tensor | None = None,
                  allocation_map: torch.Tensor | None = None,
-                 old_log_prob: torch.Tensor | None = None) -> None:
+                 old_log_prob: torch.Tensor | None = None, *,
+                 coef_sample: torch.Tensor | None = None,
+                 coef_output: torch.Tensor | None = None) -> None:
     """One host sync for every value check; raises naming the first bad argument.
 
     Each tensor is reduced once or twice: NaN and inf propagate through ``sum``, ``amin``
     and ``amax``, so a non-finite sum or an extremum outside the range flags the tensor
     (a sum of finite values too large to represent is flagged as well)."""
     reductions = [std.amin(), std.sum()]
+    coefficients = [(n, c) for n, c in (("coef_sample", coef_sample),
+                                        ("coef_output", coef_output)) if c is not None]
+    reductions.extend(c.sum() for _, c in coefficients)
     if advantages is not None:
         reductions.append(advantages.sum())
     if allocation_map is not None:
@@ -101,6 +106,9 @@ def check_values(std: torch.Tensor, advantages: torch.Tensor | None = None,
     std_min, std_sum = next(values), next(values)
     if not (std_min > 0 and math.isfinite(std_sum)):
         raise ValueError("std must be finite and > 0")
+    for name, _ in coefficients:
+        if not math.isfinite(next(values)):
+            raise ValueError(f"{name} contains NaN or inf")
     if advantages is not None and not math.isfinite(next(values)):
         raise ValueError("advantages contains NaN or inf")
     if allocation_map is not None:

@@ -34,7 +34,10 @@ class Adapter(abc.ABC):
 
         self.cfg, self.device, self.weight_dtype = cfg, device, weight_dtype
         pipeline_cls = getattr(diffusers, self.pipeline_class)
-        self.pipe = pipeline_cls.from_pretrained(cfg.path, dtype=weight_dtype)
+        # Weights only from safetensors (never pickles); hub code only when asked for.
+        self.pipe = pipeline_cls.from_pretrained(cfg.path, dtype=weight_dtype,
+                                                 use_safetensors=True,
+                                                 trust_remote_code=cfg.trust_remote_code)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
         for module in self.pipe.components.values():

@@ -114,7 +114,7 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
     import transformers
     model_class = getattr(transformers, family.model_class)
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=dtype)
+        model = model_class.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     except OSError as error:
         raise BackboneLoadError(f"could not load the weights of {name_or_path!r}: {error}. "
                                 f"Pass a local path that holds them.") from error
