@@ -47,8 +47,11 @@ def read_state(folder: Path) -> dict | None:
 def complete_checkpoints(run_dir) -> list[Path]:
     """The run's complete checkpoints, oldest first (by iteration; ``final`` last on a tie)."""
     found = []
-    for folder in (Path(run_dir) / "checkpoints").glob("*"):
-        state = None if folder.name.startswith(".") else read_state(folder)
+    root = Path(run_dir) / "checkpoints"
+    for folder in root.glob("*"):
+        # .old-<tag> is a complete checkpoint that a kill caught while a new <tag> replaced it
+        stale = folder.name.startswith(".old-") and not (root / folder.name[5:]).exists()
+        state = read_state(folder) if stale or not folder.name.startswith(".") else None
         if state is not None:
             found.append((state["iteration"], folder.name == "final", folder))
     return [folder for *_, folder in sorted(found)]

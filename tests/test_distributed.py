@@ -1,0 +1,112 @@
+"""Several processes (accelerate launch, gloo on the CPU) against one process with the same
+global batch; the prompt sampler and cross-process advantages on their own."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vipo import tiny
+from vipo.advantages import group_advantages
+from vipo.distributed import PromptSampler
+from vipo.logging_utils import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = "checkpoints/final/transformer/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_world")
+    return {"sd3": tiny.build_sd3(root / "sd3"), "dinov2": tiny.build_dinov2(root / "dinov2")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(world, out: Path, name: str, prompts_per_iter: int, grad_accum: int) -> list:
+    """The tiny preset cut to 32 px, 3 steps, groups of 2; every trainable step trained, so
+    a micro-batch's make-up does not change the summed gradient."""
+    return ["tiny", f"path={world['sd3']}", f"backbone={world['dinov2']}", "height=32",
+            "width=32", "max_sequence_length=16", "num_steps=3", "group_size=2",
+            f"prompts_per_iter={prompts_per_iter}", "sample_batch_size=2", "train_batch_size=2",
+            f"grad_accum={grad_accum}", "timestep_fraction=1.0", "iterations=2", "lr=1e-3",
+            f"output_dir={out}", f"run_name={name}", "progress=false", "image_every=0",
+            "tensorboard=false", "kernel_backend=torch"]
+
+
+def _env(tmp_path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "VIPO_TINY_CACHE": str(tmp_path / "cache")}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+    """2 processes x 1 prompt (gloo, launched as a user would) end 2 optimiser steps with
+    the parameters of 1 process x 2 prompts, within fp32 rounding."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "vipo.train"]
+    single = [sys.executable, "-m", "vipo.train"]
+    for name, command in (("ddp", launch + _args(world, tmp_path, "ddp", 1, 2)),
+                          ("one", single + _args(world, tmp_path, "one", 2, 4))):
+        proc = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    from safetensors.torch import load_file
+
+    ddp, one = load_file(tmp_path / "ddp" / WEIGHTS), load_file(tmp_path / "one" / WEIGHTS)
+    start = load_file(Path(world["sd3"]) / "transformer" / "diffusion_pytorch_model.safetensors")
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    worst = max(float((ddp[k] - one[k]).abs().max()) for k in one)
+    print(f"largest weight change {moved:.3e}, largest 2-process difference {worst:.3e}")
+    assert moved > 1e-4  # the two steps did move the weights
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    rows_ddp, rows_one = (read_metrics(tmp_path / n / "metrics.csv") for n in ("ddp", "one"))
+    assert len(rows_ddp) == len(rows_one) == 2  # only the main process wrote metrics
+    assert [r["optimizer_steps"] for r in rows_ddp] == [1, 2] == \
+        [r["optimizer_steps"] for r in rows_one]
+    # The same samples: iteration 0 runs identical weights, so its rewards are identical;
+    # the training statistics are reduced over both processes.
+    assert rows_ddp[0]["reward_mean"] == rows_one[0]["reward_mean"]
+    for key in ("reward_std", "loss", "approx_kl", "ratio_max"):
+        assert rows_ddp[1][key] == pytest.approx(rows_one[1][key], rel=1e-4, abs=1e-7), key
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "final").glob("rng_*")) \
+        == ["rng_0.pt", "rng_1.pt"]
+
+
+def test_prompt_shards_cover_the_stream_without_repeats_and_resume():
+    one = PromptSampler(10, seed=3, per_process=4, num_processes=1, rank=0)
+    shards = [PromptSampler(10, seed=3, per_process=2, num_processes=2, rank=r) for r in (0, 1)]
+    for _ in range(5):  # crosses epoch boundaries
+        whole, groups = one.next()
+        parts = [s.next() for s in shards]
+        assert parts[0][0] + parts[1][0] == whole  # rank 0 then rank 1: the same prompts
+        assert parts[0][1] + parts[1][1] == groups == [0, 1, 2, 3]
+    epoch = PromptSampler(10, seed=3, per_process=5, num_processes=2, rank=0)
+    other = PromptSampler(10, seed=3, per_process=5, num_processes=2, rank=1)
+    assert sorted(epoch.next()[0] + other.next()[0]) == list(range(10))  # one epoch, no repeat
+    resumed = PromptSampler(10, seed=3, per_process=4, num_processes=1, rank=0)
+    resumed.load_state_dict(one.state_dict())
+    assert [resumed.next() for _ in range(3)] == [one.next() for _ in range(3)]
+
+
+def test_a_group_spread_over_processes_gets_the_same_advantages():
+    """Advantages of the gathered rewards do not depend on where a group's samples sit:
+    here group 7 is split between two processes' rows."""
+    rewards = torch.tensor([[1.0], [4.0], [2.0], [8.0], [3.0], [0.5]])
+    groups = torch.tensor([7, 7, 7, 9, 9, 9])
+    together = group_advantages(rewards, groups, [1.0]).values
+    order = torch.tensor([0, 3, 4, 1, 2, 5])  # process 0: rows 0, 3, 4; process 1: 1, 2, 5
+    spread = group_advantages(rewards[order], groups[order], [1.0]).values
+    assert torch.equal(spread, together[order])
