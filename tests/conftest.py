@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """One tiny SD3 pipeline and DINOv2 backbone on disk, shared by the trainer-level tests
+    that run `python -m vipo.train` (in process or as subprocesses)."""
+    from vipo import tiny
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    return {"sd3": tiny.build_sd3(root / "sd3"), "dinov2": tiny.build_dinov2(root / "dinov2")}

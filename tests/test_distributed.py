@@ -3,7 +3,6 @@ global batch; the prompt sampler and cross-process advantages on their own."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,19 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vipo import tiny
 from vipo.advantages import group_advantages
 from vipo.distributed import PromptSampler
 from vipo.logging_utils import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = "checkpoints/final/transformer/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_world")
-    return {"sd3": tiny.build_sd3(root / "sd3"), "dinov2": tiny.build_dinov2(root / "dinov2")}
+from .run_helpers import TRAIN, WEIGHTS, env, run_args
 
 
 def _free_port() -> int:
@@ -33,39 +24,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(world, out: Path, name: str, prompts_per_iter: int, grad_accum: int) -> list:
-    """The tiny preset cut to 32 px, 3 steps, groups of 2; every trainable step trained, so
-    a micro-batch's make-up does not change the summed gradient."""
-    return ["tiny", f"path={world['sd3']}", f"backbone={world['dinov2']}", "height=32",
-            "width=32", "max_sequence_length=16", "num_steps=3", "group_size=2",
-            f"prompts_per_iter={prompts_per_iter}", "sample_batch_size=2", "train_batch_size=2",
-            f"grad_accum={grad_accum}", "timestep_fraction=1.0", "iterations=2", "lr=1e-3",
-            f"output_dir={out}", f"run_name={name}", "progress=false", "image_every=0",
-            "tensorboard=false", "kernel_backend=torch"]
-
-
-def _env(tmp_path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "VIPO_TINY_CACHE": str(tmp_path / "cache")}
-
-
-def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(tiny_world, tmp_path):
     """2 processes x 1 prompt (gloo, launched as a user would) end 2 optimiser steps with
     the parameters of 1 process x 2 prompts, within fp32 rounding."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               "-m", "vipo.train"]
-    single = [sys.executable, "-m", "vipo.train"]
-    for name, command in (("ddp", launch + _args(world, tmp_path, "ddp", 1, 2)),
-                          ("one", single + _args(world, tmp_path, "one", 2, 4))):
-        proc = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+    # Every trainable step is trained (run_args), so a micro-batch's make-up does not change
+    # the summed gradient; grad_accum counts one process's samples.
+    for name, command in (
+            ("ddp", launch + run_args(tiny_world, tmp_path, "ddp", prompts_per_iter=1,
+                                      grad_accum=2)),
+            ("one", TRAIN + run_args(tiny_world, tmp_path, "one", prompts_per_iter=2,
+                                     grad_accum=4))):
+        proc = subprocess.run(command, cwd=tmp_path, env=env(tmp_path), capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
     from safetensors.torch import load_file
 
     ddp, one = load_file(tmp_path / "ddp" / WEIGHTS), load_file(tmp_path / "one" / WEIGHTS)
-    start = load_file(Path(world["sd3"]) / "transformer" / "diffusion_pytorch_model.safetensors")
+    start = load_file(Path(tiny_world["sd3"]) / "transformer" /
+                      "diffusion_pytorch_model.safetensors")
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     worst = max(float((ddp[k] - one[k]).abs().max()) for k in one)
     print(f"largest weight change {moved:.3e}, largest 2-process difference {worst:.3e}")
@@ -102,8 +82,9 @@ def test_prompt_shards_cover_the_stream_without_repeats_and_resume():
 
 
 def test_a_group_spread_over_processes_gets_the_same_advantages():
-    """Advantages of the gathered rewards do not depend on where a group's samples sit:
-    here group 7 is split between two processes' rows."""
+    """global_advantages normalises the rows gathered from every process by group id, so
+    the result must not depend on where a group's rows sit: here group 7 is split between
+    the rows of two processes."""
     rewards = torch.tensor([[1.0], [4.0], [2.0], [8.0], [3.0], [0.5]])
     groups = torch.tensor([7, 7, 7, 9, 9, 9])
     together = group_advantages(rewards, groups, [1.0]).values

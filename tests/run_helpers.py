@@ -1,0 +1,55 @@
+"""Command lines of the smallest trainer runs, shared by the distributed, resume and fault
+tests: the tiny preset cut to 32 px, 3 steps, groups of 2, on the shared tiny world."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = "checkpoints/final/transformer/diffusion_pytorch_model.safetensors"
+
+
+def run_args(world, out, name: str, **overrides) -> list:
+    """``key=value`` arguments of a 2-iteration run named ``name`` under ``out``."""
+    values = {"path": world["sd3"], "backbone": world["dinov2"], "height": 32, "width": 32,
+              "max_sequence_length": 16, "num_steps": 3, "group_size": 2,
+              "prompts_per_iter": 2, "sample_batch_size": 2, "train_batch_size": 2,
+              "grad_accum": 4, "timestep_fraction": 1.0, "iterations": 2, "lr": 1e-3,
+              "output_dir": out, "run_name": name, "progress": "false", "image_every": 0,
+              "tensorboard": "false", "kernel_backend": "torch"}
+    values.update(overrides)
+    return ["tiny"] + [f"{k}={v}" for k, v in values.items() if v is not None]
+
+
+def env(tmp_path) -> dict:
+    """The environment of a trainer subprocess: this checkout first on the path, offline."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "VIPO_TINY_CACHE": str(Path(tmp_path) / "cache")}
+
+
+TRAIN = [sys.executable, "-m", "vipo.train"]
+
+
+def reset_accelerate() -> None:
+    """Each in-process run builds its own Accelerator; accelerate keeps singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def started(command: list, tmp_path):
+    """A trainer subprocess that is killed if the test fails before it ends."""
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
