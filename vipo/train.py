@@ -139,9 +139,12 @@ class Trainer:
             folder.rmdir()
 
     def _resume(self, folder: Path) -> None:
-        from .checkpointing import load_checkpoint
+        from .checkpointing import CheckpointError, load_checkpoint
 
-        state = load_checkpoint(self, folder)
+        try:
+            state = load_checkpoint(self, folder)
+        except CheckpointError as err:
+            raise faults.LoadError(str(err)) from None
         self.start_iteration, self.optimizer_steps = state["iteration"], state["optimizer_steps"]
         self.bad_steps, self.dropped_iters = state["bad_steps"], state["dropped_iters"]
         self.sampler.load_state_dict(state["sampler"])
@@ -503,7 +506,8 @@ class Trainer:
     def _last_good(self) -> str:
         if self.last_checkpoint is None:
             return "no checkpoint was saved before"
-        return f"the last good checkpoint is {self.last_checkpoint}"
+        return (f"the last checkpoint is {self.last_checkpoint} (resume={self.run_dir} with a "
+                f"lower lr=... continues from it)")
 
     @property
     def adv_weights(self) -> list:
@@ -696,16 +700,17 @@ def main(argv: list | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure gets its one line
         if debug:
             raise
-        print(f"vipo.train: error: {faults.one_line(err)}; {_saved(trainer)} (--debug shows "
-              f"the traceback)", file=sys.stderr)
+        message = faults.one_line(err)
+        saved = "" if "checkpoint" in message else f"; {_saved(trainer)}"
+        print(f"vipo.train: error: {message}{saved} (--debug shows the traceback)",
+              file=sys.stderr)
         return 1
 
 
 def _saved(trainer) -> str:
     if trainer is None or trainer.last_checkpoint is None:
         return "no checkpoint saved"
-    return (f"checkpoint {trainer.last_checkpoint}; continue with "
-            f"resume={trainer.run_dir}")
+    return f"checkpoint {trainer.last_checkpoint}; continue with resume={trainer.run_dir}"
 
 
 if __name__ == "__main__":
