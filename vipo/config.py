@@ -519,6 +519,9 @@ PRESETS: dict[str, dict] = {
         "train": {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
                   "adv_clip": 5.0, "timestep_fraction": 0.6, "lr": 1e-5, "grad_accum": 4,
                   "max_grad_norm": 1.0, "iterations": 300},
+        # The paper's out-of-domain columns (Table 1): PickScore and ImageReward.
+        "eval": {"eval_every": 25, "eval_samples": 16, "eval_rewards": ["pickscore",
+                                                                        "imagereward"]},
         "run": {"image_every": 10, "checkpoint_every": 50},
     },
     # METHOD.md 8, column wan_vipo (ViPO's Wan script); the paper trains the 14B model.

@@ -73,9 +73,63 @@ def measure_backbone(folder=None, samples: torch.Tensor | None = None) -> dict:
     return out
 
 
+TEST_BATCH = 48  # the fixed held-out batch the tests re-measure (evenly spread prompts)
+PIPELINE_STEPS = 8
+
+
+def test_batch() -> list:
+    from ..prompts import spread
+
+    return spread(world.heldout_specs(), TEST_BATCH)
+
+
+@torch.no_grad()
+def pipeline_samples(pipe, specs: list, seed: int = 0, batch: int = 49) -> torch.Tensor:
+    """The plain diffusers call, defaults except steps and guidance: (N, 3, 32, 32)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [world.prompt(s) for s in specs]
+    return torch.cat([pipe(prompts[i:i + batch], num_inference_steps=PIPELINE_STEPS,
+                           guidance_scale=1.0, generator=gen, output_type="pt").images
+                      for i in range(0, len(prompts), batch)])
+
+
+@torch.no_grad()
+def preset_samples(folder, specs: list, seed: int = 0) -> torch.Tensor:
+    """Samples with the ``toy`` training preset's own sampler (its SDE, steps, shift and
+    eta; decoded from the last step's x0 prediction), as rollouts see them."""
+    from ..adapters import get_adapter
+    from ..config import Config
+    from ..rollout import Schedule, rollout
+
+    cfg = Config.from_name("toy")
+    cfg.model.path = str(folder)
+    adapter = get_adapter("sd3")(cfg.model, torch.device("cpu"), torch.float32)
+    schedule = Schedule.build(cfg.sample, torch.device("cpu"))
+    roll = rollout(adapter, adapter.transformer, schedule, [world.prompt(s) for s in specs],
+                   group_size=1, same_init_noise=True, batch_size=49, ratio_level="position",
+                   decode_from=cfg.sample.decode_from,
+                   generator=torch.Generator().manual_seed(seed))
+    return roll.media
+
+
+def measure_generator(folder, evaluator: ToyEvaluator) -> dict:
+    """Fidelity on all held-out prompts with the plain pipeline call and with the preset's
+    sampler, and on the fixed test batch (plain call)."""
+    specs = world.heldout_specs()
+    pipe = models.load_pipeline(folder)
+    out = {"pipeline_call_ode_8_steps": mean_metrics(evaluator.score(
+        pipeline_samples(pipe, specs), specs))}
+    samples = preset_samples(folder, specs)
+    out["toy_preset_sampler"] = mean_metrics(evaluator.score(samples, specs))
+    batch = test_batch()
+    out["test_batch_pipeline_call"] = mean_metrics(evaluator.score(
+        pipeline_samples(pipe, batch), batch))
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vipo.toy.measure")
-    parser.add_argument("what", choices=["vae", "evaluator", "backbone"])
+    parser.add_argument("what", choices=["vae", "evaluator", "backbone", "generator"])
     parser.add_argument("--root", type=Path, default=models.ASSETS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -87,9 +141,17 @@ def main(argv=None) -> None:
     elif args.what == "evaluator":
         name, section = "evaluator", "held-out renders (196)"
         result = measure_evaluator(evaluator)
-    else:
+    elif args.what == "backbone":
         name, section = "backbone", "PSM map, top-30% IoU with the object mask"
-        result = measure_backbone(args.root / "backbone")
+        result = measure_backbone(args.root / "backbone", preset_samples(
+            args.root / "generator", world.heldout_specs()))
+    else:
+        name = "generator"
+        result = measure_generator(args.root / "generator", evaluator)
+        for section, values in result.items():
+            update_figures(name, section, values, args.root)
+        print(json.dumps(result), f"({time.perf_counter() - start:.1f} s)")
+        return
     print(json.dumps(result), f"({time.perf_counter() - start:.1f} s)")
     update_figures(name, section, result, args.root)
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import platform
-import random
 import shutil
 import time
 from pathlib import Path
@@ -95,8 +93,16 @@ class BudgetLoop:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
-           f"torch {torch.__version__}, fp32, CPU"
+    """The CPU's model name, the thread count and the torch version, for the cards."""
+    name = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
 
 
 def write_training(folder: Path, info: dict) -> None:
