@@ -20,7 +20,7 @@ def run_args(world, out, name: str, **overrides) -> list:
               "prompts_per_iter": 2, "sample_batch_size": 2, "train_batch_size": 2,
               "grad_accum": 4, "timestep_fraction": 1.0, "iterations": 2, "lr": 1e-3,
               "output_dir": out, "run_name": name, "progress": "false", "image_every": 0,
-              "tensorboard": "false", "kernel_backend": "torch"}
+              "tensorboard": "false", "kernel_backend": "torch", "eval_every": -1}
     values.update(overrides)
     return ["tiny"] + [f"{k}={v}" for k, v in values.items() if v is not None]
 

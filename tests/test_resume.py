@@ -44,18 +44,24 @@ def same_run(a: Path, b: Path, weights: str = WEIGHTS) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    rows_a, rows_b = read_metrics(a / "metrics.csv"), read_metrics(b / "metrics.csv")
-    assert len(rows_a) == len(rows_b)
-    for ra, rb in zip(rows_a, rows_b):
-        for key in ra:
-            if not key.startswith("time_"):
-                assert ra[key] == rb[key] or (ra[key] != ra[key] and rb[key] != rb[key]), key
+    for table in ("metrics.csv", "eval.csv"):
+        if not (a / table).is_file():
+            assert not (b / table).is_file()
+            continue
+        rows_a, rows_b = read_metrics(a / table), read_metrics(b / table)
+        assert len(rows_a) == len(rows_b), table
+        for ra, rb in zip(rows_a, rows_b):
+            for key in ra:
+                if not key.startswith("time_"):
+                    same = ra[key] == rb[key] or (ra[key] != ra[key] and rb[key] != rb[key])
+                    assert same, (table, key)
 
 
 # Everything a checkpoint must carry is exercised: random step subsets (the trainer's RNG),
 # LR warm-up (scheduler), EMA, PSM maps, and AdamW moments.
 STATEFUL = {"num_steps": 4, "timestep_fraction": 0.67, "lr_warmup_steps": 3, "iterations": 4,
-            "grad_accum": 2, "checkpoint_every": 2, "algorithm": "vipo"}
+            "grad_accum": 2, "checkpoint_every": 2, "algorithm": "vipo", "eval_every": 2,
+            "eval_samples": 2}
 
 
 @pytest.mark.parametrize("variant", [{"ema_decay": 0.9}, {"lora_rank": 2}], ids=["full", "lora"])

@@ -6,11 +6,15 @@ One iteration (METHOD.md 7), one method per phase:
   advantages  group-normalised advantages, then PSM allocation maps (ViPO)
   optimize    recompute the velocity on a random subset of steps; fused vipo_loss; AdamW
   log         metrics CSV + TensorBoard, sample grids, map overlays
+  evaluate    fixed held-out prompts from fixed noise (vipo/evaluation.py), before the first
+              iteration, every eval_every and after the last
   checkpoint  weights, optimizer, RNG and data order, atomically (vipo.checkpointing)
 ``setup`` builds everything through ``accelerate.Accelerator`` (DDP/FSDP on GPUs via
 ``accelerate launch``; ``cpu=True`` without CUDA; what differs across processes lives in
 vipo.distributed). ``run`` turns SIGTERM/SIGINT and errors into a resumable checkpoint and
-a one-line message (vipo.faults); ``resume=`` continues a run exactly.
+a one-line message (vipo.faults); ``resume=`` continues a run exactly. With no arguments
+the ``toy`` preset trains the shipped pretrained toy-world generator (vipo/toy) with ViPO
+on the CPU.
 """
 
 from __future__ import annotations
@@ -32,17 +36,10 @@ from .distributed import PromptSampler, global_advantages, group_generator, redu
 from .faults import TrainingError
 from .logging_utils import MetricsLogger, PhaseTimer, save_grid, summary_line
 from .plots import plot_curves
+from .prompts import load_prompts
 
 logger = logging.getLogger("vipo")
 
-BUILTIN_PROMPTS = [
-    "a red apple on a wooden table", "a cat sleeping on a sofa", "a lighthouse at sunset",
-    "a bowl of strawberries", "a vintage car on a country road", "a fox in a snowy forest",
-    "a cup of coffee next to a book", "a sailing boat on a calm sea", "a bunch of tulips",
-    "a mountain cabin under the stars", "a parrot on a branch", "a bicycle leaning on a wall",
-    "a slice of watermelon", "a castle on a hill", "a dog running on the beach",
-    "a hot air balloon over fields",
-]
 
 
 class Trainer:
@@ -103,9 +100,20 @@ class Trainer:
         self.last_checkpoint, self._saving, self._snapshot = None, False, None
         if resume_from is not None:
             self._resume(resume_from)
-        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard, self.start_iteration) \
-            if acc.is_main_process else None
-        self.history: list[dict] = self.metrics.rows if self.metrics else []
+        self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard,
+                                     start=self.start_iteration) if acc.is_main_process else None
+        self.history: list[dict] = [{k: v for k, v in r.items() if k != "iteration"}
+                                    for r in (self.metrics.rows if self.metrics else [])]
+        self.eval = self._eval_phase()
+
+    def _eval_phase(self):
+        if self.cfg.eval.eval_every < 0:
+            return None
+        from .evaluation import EvalPhase
+
+        return EvalPhase(self.cfg, self.adapter, self.schedule, self.rewards, self.run_dir,
+                         device=self.accelerator.device,
+                         is_main=self.accelerator.is_main_process, start=self.start_iteration)
 
     def _run_dir(self) -> tuple[Path, Path | None]:
         """(run folder, checkpoint to resume): a new folder, or the resumed run's."""
@@ -156,7 +164,11 @@ class Trainer:
         from .adapters import get_adapter
 
         model_cfg = copy.copy(self.cfg.model)
-        if model_cfg.path == "tiny":
+        if model_cfg.path == "toy":
+            from .toy.models import asset
+
+            model_cfg.path = str(asset("generator"))
+        elif model_cfg.path == "tiny":
             from . import tiny
 
             with self.accelerator.main_process_first():
@@ -213,7 +225,11 @@ class Trainer:
 
         p = self.cfg.psm
         path = p.backbone
-        if path == "tiny":
+        if path == "toy":
+            from .toy.models import asset
+
+            path = str(asset("backbone"))
+        elif path == "tiny":
             from . import tiny
 
             with self.accelerator.main_process_first():
@@ -513,6 +529,18 @@ class Trainer:
     def adv_weights(self) -> list:
         return self.cfg.reward_weights if self.cfg.reward.multi_reward == "per_reward" else [1.0]
 
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, iteration: int) -> None:
+        """The evaluation phase on the current weights (vipo/evaluation.py)."""
+        if self.eval is None:
+            return
+        with self.timer("eval"):
+            self.eval(self.model, iteration, self.accelerator.autocast)
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.eval.eval_every
+        return every > 0 and done % every == 0 and done < self.cfg.train.iterations
+
     # ------------------------------------------------------------------ loop
     def iteration(self, it: int) -> dict:
         """One iteration of the named phases; an OOM names its phase and what to shrink."""
@@ -539,6 +567,8 @@ class Trainer:
                    disable=not (cfg.run.progress and self.accelerator.is_main_process))
         try:
             with faults.StopSignals() as stop:
+                if self.start_iteration == 0 or self._eval_due(self.start_iteration):
+                    self.evaluate(self.start_iteration)
                 for it in bar:
                     self._snapshot = {**self._state_now(), "iteration": it}
                     self._stepped = self._bad_loss = False
@@ -546,8 +576,11 @@ class Trainer:
                     row = self.iteration(it)
                     bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.2e}")
                     self._snapshot = None
+                    if self._eval_due(it + 1):
+                        self.evaluate(it + 1)
                     if it + 1 < cfg.train.iterations:
                         self._between_iterations(it + 1, stop)
+                self.evaluate(cfg.train.iterations)
                 if saving:
                     self.checkpoint("final", cfg.train.iterations, "final")
         except BaseException as err:
@@ -599,10 +632,13 @@ class Trainer:
     def _finish(self, start: float) -> dict:
         seconds = time.perf_counter() - start
         line = summary_line(self.history, seconds, self.run_dir)
+        if self.eval is not None:
+            line += self.eval.summary()
+            self.eval.close()
         if self.accelerator.is_main_process:
             print(line, flush=True)
         return {"run_dir": self.run_dir, "history": self.history, "summary": line,
-                "seconds": seconds}
+                "seconds": seconds, "eval": self.eval.rows if self.eval is not None else []}
 
 
 def _cpu_gen(rng: random.Random) -> torch.Generator:
@@ -611,25 +647,6 @@ def _cpu_gen(rng: random.Random) -> torch.Generator:
 
 def _tag(name: str) -> str:
     return name.replace(":", "_").replace(".", "_")
-
-
-def load_prompts(source: str) -> list:
-    if source == "builtin":
-        return list(BUILTIN_PROMPTS)
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"sample.prompts: {source!r} is neither 'builtin' nor a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"sample.prompts: {source!r} is not UTF-8 text (byte {err.start}); "
-                          f"save it as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"sample.prompts: cannot read {source!r} ({err})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"sample.prompts: {source!r} holds no prompt")
-    return prompts
 
 
 def parse_args(args: list) -> Config:
