@@ -128,6 +128,49 @@ def _band_panel(draw, top: int, key: str, series: dict) -> None:
     draw.text((right - 60, bottom + 4), f"iter {int(x_max)}", fill=(90, 90, 90))
 
 
+def plot_xy(panels: dict, out_png, x_label: str) -> Path:
+    """One panel per title, a line with dots per method: panels {title: {method: (xs, ys)}}
+    (e.g. out-of-domain fidelity against in-domain reward, one point per evaluation)."""
+    image = Image.new("RGB", (PANEL_W, PANEL_H * len(panels) + 20), "white")
+    draw = ImageDraw.Draw(image)
+    methods: list = []
+    for i, (title, series) in enumerate(panels.items()):
+        top = i * PANEL_H
+        left, right, bottom = MARGIN, PANEL_W - 12, top + PANEL_H - 24
+        draw.rectangle([left, top + 22, right, bottom], outline=(160, 160, 160))
+        xs = [x for a, _ in series.values() for x in a if math.isfinite(x)]
+        ys = [y for _, b in series.values() for y in b if math.isfinite(y)]
+        if not xs or not ys:
+            continue
+        x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+        x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
+
+        def point(x, y):
+            return (left + (right - left) * (x - x_lo) / (x_hi - x_lo),
+                    bottom - (bottom - top - 22) * (y - y_lo) / (y_hi - y_lo))
+
+        for j, (method, (a, b)) in enumerate(series.items()):
+            colour = BAND_COLOURS[j % 5]
+            pts = [point(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            if method not in methods:
+                methods.append(method)
+        draw.text((left, top + 4), title, fill=(0, 0, 0))
+        draw.text((4, top + 22), f"{y_hi:.3g}", fill=(90, 90, 90))
+        draw.text((4, bottom - 10), f"{y_lo:.3g}", fill=(90, 90, 90))
+        draw.text((left, bottom + 4), f"{x_label}: {x_lo:.3g}", fill=(90, 90, 90))
+        draw.text((right - 60, bottom + 4), f"{x_hi:.3g}", fill=(90, 90, 90))
+    x = MARGIN
+    for j, method in enumerate(methods):
+        draw.text((x, PANEL_H * len(panels) + 4), method, fill=BAND_COLOURS[j % 5])
+        x += 8 + 7 * len(method)
+    image.save(out_png)
+    return Path(out_png)
+
+
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:

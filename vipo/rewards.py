@@ -235,18 +235,21 @@ def imagereward(cfg, device) -> RewardFn:
 def toy_fidelity(cfg, device) -> RewardFn:
     """Prompt fidelity of toy-world images judged by the shipped toy evaluator (a ResNet,
     not the PSM backbone): the share of shape, colour, position and background it reads as
-    the prompt says, in {0, 0.25, ..., 1}. ``fn.details`` adds each attribute's accuracy
+    the prompt says, in {0, 0.25, ..., 1}. ``fn.details`` gives each attribute's accuracy
     and ``structure_iou`` (its 8 x 8 object mask against the prompt's rendered mask)."""
     from .toy import world
     from .toy.evaluator import ToyEvaluator
 
     evaluator = ToyEvaluator(device=device)
 
-    def details(images, prompts):
+    def score(images, prompts):
         return evaluator.score(images, [world.parse_prompt(p) for p in prompts])
 
+    def details(images, prompts):  # the fidelity itself is the reward's own value
+        return {k: v for k, v in score(images, prompts).items() if k != "fidelity"}
+
     def fn(images, prompts):
-        return details(images, prompts)["fidelity"]
+        return score(images, prompts)["fidelity"]
 
     fn.details = details
     return fn

@@ -14,7 +14,8 @@ redness, out-of-domain prompt fidelity (shape, colour, position, background) and
 (the evaluator's object mask against the rendered one). It writes to ``--out``:
 ``results.md`` and ``results.csv`` (mean +- std over seeds at the last evaluation, plus the
 training statistics that explain them), ``curves.png`` (eval metrics against iterations,
-mean +- std band per method) and ``grids.png`` (the same held-out prompts, before training
+mean +- std band per method), ``tradeoff.png`` (fidelity and structure against redness, one
+point per evaluation) and ``grids.png`` (the same held-out prompts, before training
 and after each method, seed 0). A finished run leaves ``result.json`` in its folder and is
 skipped next time, so an interrupted comparison resumes where it stopped.
 """
@@ -38,7 +39,7 @@ METHODS = {
 # What --quick changes: a smoke run for CI (minutes), not a result.
 QUICK = {"iterations": 4, "eval_every": 2, "eval_samples": 8, "image_every": 0}
 FULL = {"image_every": 0}
-EVAL_KEYS = ("eval_redness", "eval_fidelity", "eval_shape_acc", "eval_colour_acc",
+EVAL_KEYS = ("eval_redness", "eval_toy_fidelity", "eval_shape_acc", "eval_colour_acc",
              "eval_position_acc", "eval_background_acc", "eval_structure_iou")
 TRAIN_KEYS = ("clip_frac_low", "clip_frac_high", "approx_kl", "map_mean", "grad_norm")
 
@@ -109,7 +110,7 @@ def write_tables(results: list[dict], out: Path, note: str) -> None:
     header, rows = table(results)
     with (out / "results.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
-    short = {"eval_redness": "redness (in-domain)", "eval_fidelity": "fidelity",
+    short = {"eval_redness": "redness (in-domain)", "eval_toy_fidelity": "fidelity",
              "eval_shape_acc": "shape", "eval_colour_acc": "colour",
              "eval_position_acc": "position", "eval_background_acc": "background",
              "eval_structure_iou": "structure IoU"}
@@ -135,7 +136,7 @@ def write_tables(results: list[dict], out: Path, note: str) -> None:
 def curves(results: list[dict]) -> dict:
     """{key: {method: (iterations, means, stds)}} over seeds, per evaluation."""
     out = {}
-    for key in ("eval_redness", "eval_fidelity", "eval_structure_iou", "eval_colour_acc",
+    for key in ("eval_redness", "eval_toy_fidelity", "eval_structure_iou", "eval_colour_acc",
                 "eval_background_acc"):
         out[key] = {}
         for method in METHODS:
@@ -146,6 +147,15 @@ def curves(results: list[dict]) -> dict:
             stats = [_mean_std([r["eval"][i][key] for r in runs]) for i in range(len(xs))]
             out[key][method] = (xs, [m for m, _ in stats], [s for _, s in stats])
     return out
+
+
+def tradeoff(bands: dict) -> dict:
+    """Out-of-domain metrics against the in-domain reward, one point per evaluation (mean
+    over seeds): which method keeps more of the picture for the same redness."""
+    red = bands["eval_redness"]
+    return {f"{title} against redness": {m: (red[m][1], bands[key][m][1]) for m in red}
+            for key, title in (("eval_toy_fidelity", "fidelity"),
+                               ("eval_structure_iou", "structure IoU"))}
 
 
 def grids(out: Path, seed: int) -> None:
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
     jobs = [(m, s) for s in range(seeds) for m in methods]
     for method, seed in tqdm(jobs, desc="compare", unit="run"):
         results.append(run_one(method, seed, out, overrides))
-    from ..plots import plot_bands
+    from ..plots import plot_bands, plot_xy
 
     cfg = Config.from_name("toy")
     cfg.update(overrides)
@@ -220,7 +230,9 @@ def main(argv=None) -> int:
             f"Values after training: mean ± std over seeds. Wall time "
             f"{time.perf_counter() - start:.0f} s for the runs done in this call.")
     write_tables(results, out, note)
-    plot_bands(curves(results), out / "curves.png")
+    bands = curves(results)
+    plot_bands(bands, out / "curves.png")
+    plot_xy(tradeoff(bands), out / "tradeoff.png", "mean eval redness")
     grids(out, seed=0)
     print((out / "results.md").read_text())
     print(f"compare: wrote {out / 'results.md'}, results.csv, curves.png, grids.png")
