@@ -120,3 +120,35 @@ def test_parse_args_preset_yaml_and_overrides(tmp_path):
         parse_args(["prompts=/no/such/file.txt", "algorithm=grpo"])
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         parse_args(["nope"])
+
+
+def test_help_shows_the_values_of_the_preset_that_would_run(capsys):
+    from vipo.train import main
+
+    assert main(["flux_vipo", "lr=7e-6", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  path (default 'black-forest-labs/FLUX.1-dev')" in out
+    assert "  lr (default 7e-06)" in out and "preset 'flux_vipo'" in out
+    assert main(["--help"]) == 0
+    assert f"preset '{C.DEFAULT_PRESET}'" in capsys.readouterr().out
+
+
+def test_bounds_sit_beside_every_numeric_field():
+    """Every int/float field states its allowed range next to its default (seeds take any
+    integer), and validate() enforces it, naming the field."""
+    for name, (section, f) in C.all_fields().items():
+        hint = C._field_types(C.SECTIONS[section])[name]
+        if hint in (int, float) and name not in ("seed", "eval_seed"):
+            assert f.metadata["bounds"], f"{section}.{name} has no bounds"
+    cfg = Config.from_name("tiny")
+    cfg.apply_overrides(["adam_beta2=1"])
+    with pytest.raises(ConfigError, match=r"train\.adam_beta2 must lie in \[0, 1\); got 1\.0"):
+        cfg.validate()
+    cfg = Config.from_name("tiny")
+    cfg.apply_overrides(["lr=nan"])
+    with pytest.raises(ConfigError, match=r"train\.lr must be > 0; got nan"):
+        cfg.validate()
+
+
+def test_remote_code_is_off_in_every_preset():
+    assert all(not Config.from_name(name).model.trust_remote_code for name in C.PRESETS)

@@ -15,7 +15,7 @@ from vipo.advantages import group_advantages
 from vipo.distributed import PromptSampler
 from vipo.logging_utils import read_metrics
 
-from .run_helpers import TRAIN, WEIGHTS, env, run_args
+from .run_helpers import ROOT, TRAIN, WEIGHTS, env, run_args
 
 
 def _free_port() -> int:
@@ -91,3 +91,22 @@ def test_a_group_spread_over_processes_gets_the_same_advantages():
     order = torch.tensor([0, 3, 4, 1, 2, 5])  # process 0: rows 0, 3, 4; process 1: 1, 2, 5
     spread = group_advantages(rewards[order], groups[order], [1.0]).values
     assert torch.equal(spread, together[order])
+
+
+@pytest.mark.parametrize("name, kind, processes, machines", [
+    ("ddp_8gpu", "MULTI_GPU", 8, 1), ("fsdp_flux_8gpu", "FSDP", 8, 1),
+    ("fsdp_flux_2x8gpu", "FSDP", 16, 2)])
+def test_accelerate_config_files(name, kind, processes, machines):
+    """The README's accelerate configs parse with accelerate's own loader, and the FSDP ones
+    wrap block classes that exist in diffusers. (Not launched: this machine has no GPU, and
+    accelerate turns FSDP into DDP on the CPU.)"""
+    import diffusers.models.transformers.transformer_flux as flux
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (config.distributed_type.name, config.num_processes, config.num_machines) == \
+        (kind, processes, machines)
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+        for cls in config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","):
+            assert isinstance(getattr(flux, cls), type), cls

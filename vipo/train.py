@@ -89,7 +89,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.model, self.optimizer = acc.prepare(self.adapter.transformer, optimizer)
-        self.params = params
+        # FSDP replaces the parameters with sharded ones; clipping and EMA need those.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = self._ema(params)
         from .rollout import Schedule
 
