@@ -37,3 +37,16 @@ def tiny_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_world")
     return {"sd3": tiny.build_sd3(root / "sd3"), "dinov2": tiny.build_dinov2(root / "dinov2")}
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process trainer runs: accelerate's singletons reset, the thread count restored (the
+    tiny preset sets 1 through run.cpu_threads)."""
+    from .run_helpers import reset_accelerate
+
+    reset_accelerate()
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    reset_accelerate()

@@ -53,3 +53,12 @@ def started(command: list, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def run(*args) -> int:
+    """``python -m vipo.train ARGS`` in this process; its exit code."""
+    from vipo.train import main
+
+    code = main([str(a) for a in args])
+    reset_accelerate()
+    return code

@@ -18,27 +18,14 @@ from vipo import tiny
 from vipo.advantages import group_advantages
 from vipo.checkpointing import complete_checkpoints, read_state
 from vipo.logging_utils import read_metrics
-from vipo.train import main
 from vipo_kernels import backends, log_prob, sde_coefficients, sde_step, vipo_loss
 
-from .run_helpers import WEIGHTS, reset_accelerate, run_args
+from .run_helpers import WEIGHTS, run, run_args
 
 KERNEL_BACKENDS = ["torch"] + [b for b in ("cpp", "triton") if backends.available(b)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    reset_accelerate()
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
-
-
-def run(*args) -> int:
-    code = main([str(a) for a in args])
-    reset_accelerate()
-    return code
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def one_line(capsys) -> str:

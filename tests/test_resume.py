@@ -18,24 +18,11 @@ from safetensors.torch import load_file
 from vipo.checkpointing import complete_checkpoints, read_state
 from vipo.logging_utils import read_metrics
 from vipo.run_dir import create_run_dir
-from vipo.train import main
 
-from .run_helpers import TRAIN, WEIGHTS, env, reset_accelerate, run_args, started
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    reset_accelerate()
-    threads = torch.get_num_threads()  # the tiny preset sets 1 (run.cpu_threads)
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
+from .run_helpers import TRAIN, WEIGHTS, env, run, run_args, started
 
 
-def run(*args) -> int:
-    code = main([str(a) for a in args])
-    reset_accelerate()
-    return code
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def same_run(a: Path, b: Path, weights: str = WEIGHTS) -> None:
