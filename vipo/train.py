@@ -98,9 +98,10 @@ class Trainer:
         self.timer = PhaseTimer(acc.device)
         self.optimizer_steps = self.bad_steps = self.dropped_iters = self.start_iteration = 0
         self.skipped_steps, self._stepped, self._bad_loss = 0, False, False
-        self.last_checkpoint, self._saving, self._snapshot = None, False, None
+        self.last_checkpoint, self._saving, self._snapshot, self._done = None, False, None, None
         if resume_from is not None:
             self._resume(resume_from)
+            self._write_config(self.run_dir)
         self.metrics = MetricsLogger(self.run_dir, cfg.run.tensorboard,
                                      start=self.start_iteration) if acc.is_main_process else None
         self.history: list[dict] = [{k: v for k, v in r.items() if k != "iteration"}
@@ -129,12 +130,17 @@ class Trainer:
                 found = list(find_resume(run.resume, run.output_dir, run.run_name))
             else:
                 found[0] = create_run_dir(run.output_dir, run.run_name, self.cfg.preset)
-            saved = copy.deepcopy(self.cfg)
-            saved.run.resume = ""
-            (found[0] / "config.yaml").write_text(saved.to_yaml())
+                self._write_config(found[0])
         broadcast_object_list(found)  # every process writes into the main process's folder
         self._new_run_dir = not run.resume
         return Path(found[0]), found[1] and Path(found[1])
+
+    def _write_config(self, folder: Path) -> None:
+        """The resolved config.yaml (a resumed run's only once its checkpoint has loaded)."""
+        if self.accelerator.is_main_process:
+            saved = copy.deepcopy(self.cfg)
+            saved.run.resume = ""
+            (folder / "config.yaml").write_text(saved.to_yaml())
 
     def _remove_unused_run_dir(self) -> None:
         """A run that failed during setup leaves no folder behind (only its config.yaml
@@ -503,11 +509,9 @@ class Trainer:
                  "ema": {k: v for k, v in self.ema.state_dict().items()
                          if k != "shadow_params"} if self.ema is not None else None,
                  "metric": self.history[-1].get(metric) if metric and self.history else None}
-        self._saving = True
-        try:
-            folder = save_checkpoint(self, tag, state, snap["rng"])
-        finally:
-            self._saving = False
+        self._saving = True  # stays set if the save fails: no crash checkpoint after that
+        folder = save_checkpoint(self, tag, state, snap["rng"])
+        self._saving = False
         if self.accelerator.is_main_process and kind != "final":
             prune(self.run_dir, self.cfg.run.keep_checkpoints, metric)
         self.last_checkpoint = folder
@@ -571,12 +575,13 @@ class Trainer:
                 if self.start_iteration == 0 or self._eval_due(self.start_iteration):
                     self.evaluate(self.start_iteration)
                 for it in bar:
+                    self._done = it
                     self._snapshot = {**self._state_now(), "iteration": it}
                     self._stepped = self._bad_loss = False
                     self.skipped_steps = 0
                     row = self.iteration(it)
                     bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.2e}")
-                    self._snapshot = None
+                    self._snapshot, self._done = None, it + 1
                     if self._eval_due(it + 1):
                         self.evaluate(it + 1)
                     if it + 1 < cfg.train.iterations:
@@ -611,11 +616,13 @@ class Trainer:
         """A crash checkpoint: exact (the iteration's start) when no optimiser step had been
         taken in it, else the state as it is, counted as a finished iteration."""
         worth = getattr(err, "save", True) and not isinstance(err, KeyboardInterrupt)
-        if self._saving or not worth or self._snapshot is None:
+        if self._saving or not worth or self._done is None:
             return
-        it = self._snapshot["iteration"]
+        it = self._done
         try:
-            if self._stepped:
+            if self._snapshot is None:  # between iterations (e.g. the evaluation): exact
+                self.checkpoint(f"iter{it:06d}", it, "crash")
+            elif self._stepped:
                 self.checkpoint(f"iter{it + 1:06d}", it + 1, "crash")
             else:
                 self.checkpoint(f"iter{it:06d}", it, "crash", self._snapshot)
