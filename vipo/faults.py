@@ -20,11 +20,13 @@ logger = logging.getLogger("vipo")
 
 
 class TrainingError(RuntimeError):
-    """A failure reported in one line; ``save``: the state may still be checkpointed."""
+    """A failure reported in one line; ``save``: the state may still be checkpointed;
+    ``everywhere``: raised by every process alike (it comes from gathered data), so all of
+    them can take part in the crash checkpoint's collectives."""
 
-    def __init__(self, message: str, *, save: bool = True):
+    def __init__(self, message: str, *, save: bool = True, everywhere: bool = False):
         super().__init__(message)
-        self.save = save
+        self.save, self.everywhere = save, everywhere
 
 
 class LoadError(TrainingError):

@@ -298,7 +298,7 @@ class Trainer:
             adv = global_advantages(self.accelerator, rewards, roll.groups.cpu(),
                                     self.cfg.reward_weights, self.cfg.reward, roll.prompts)
         except ValueError as err:  # a non-finite reward, named with its sample and prompt
-            raise TrainingError(str(err)) from err
+            raise TrainingError(str(err), everywhere=True) from err
         self._count_dropped(adv)
         maps, raw = None, None
         scale = torch.ones(roll.num_samples)
@@ -321,7 +321,8 @@ class Trainer:
         if self.dropped_iters >= limit:
             raise TrainingError(f"nonfinite_reward=drop_group dropped every group for {limit} "
                                 f"iterations in a row: the rewards {self.cfg.reward.reward} are "
-                                f"non-finite, so nothing is learned; check the reward")
+                                f"non-finite, so nothing is learned; check the reward",
+                                everywhere=True)
 
     def allocation_maps(self, media: torch.Tensor) -> torch.Tensor:
         """PSM maps (N, *S) on the latent grid of the loss, in [0, 1]."""
@@ -617,6 +618,11 @@ class Trainer:
         taken in it, else the state as it is, counted as a finished iteration."""
         worth = getattr(err, "save", True) and not isinstance(err, KeyboardInterrupt)
         if self._saving or not worth or self._done is None:
+            return
+        if self.accelerator.num_processes > 1 and not getattr(err, "everywhere", False):
+            # The other processes are not in this except block: a save's barriers would hang.
+            logger.error("an error on one of %d processes: no crash checkpoint; the last "
+                         "checkpoint stays the latest", self.accelerator.num_processes)
             return
         it = self._done
         try:
