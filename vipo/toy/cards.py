@@ -24,7 +24,10 @@ ABOUT = {
         "PSM backbone for the toy world: a transformers `Dinov2Model` (4 layers, width 64, "
         "patch 4: an 8 x 8 patch grid on 32 px), trained on the world's renders to classify "
         "the attributes from the CLS token and each patch's object coverage from its "
-        "last-layer token (the features the PSM reads); the heads are discarded.",
+        "last-layer token (the features the PSM reads); the heads are discarded. Read its "
+        "map IoU beside the random-weight figure below: on this world's flat-coloured "
+        "images the PCA map of an untrained backbone of the same architecture already "
+        "covers the object about as well, near the ceiling a perfect map reaches.",
         "from vipo.psm import PerceptualStructuringModule\n"
         "psm = PerceptualStructuringModule.from_pretrained(\"{folder}\")\n"
         "maps = psm(images, latent_size=(16, 16))   # images (B, 3, 32, 32) in [0, 1]"),
