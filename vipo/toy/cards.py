@@ -59,9 +59,12 @@ def write_card(name: str, root: Path = models.ASSETS) -> Path:
     if name == "generator":
         lines += ["", "VAE (trained first):"] + _training_lines(
             _read(folder / "vae" / "training.json"))
-    lines += ["", f"Regenerate: `python -m vipo.toy.pretrain {name if name != 'generator' else 'vae'}`"
-              + ("; then `python -m vipo.toy.pretrain generator`" if name == "generator" else "")
-              + f"; measure: `python -m vipo.toy.measure {name}`.", "", "## Measured figures", "",
+    regenerate = f"`python -m vipo.toy.pretrain {name}`"
+    if name == "generator":
+        regenerate += " (the VAE first, then the transformer on its latents)"
+    lines += ["", f"Regenerate: {regenerate}; `--steps N` repeats a step count above instead "
+              f"of the time budget; measure: `python -m vipo.toy.measure {name}`.", "",
+              "## Measured figures", "",
               "Held-out combinations only (never trained on); `figures.json` holds the values.",
               ""]
     figures = _read(folder / "figures.json")
