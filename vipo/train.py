@@ -91,7 +91,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.adapter.transformer, optimizer)
         # FSDP replaces the parameters with sharded ones; clipping and EMA need those.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = self._ema(params)
+        self.ema = self._ema(self.params)
         from .rollout import Schedule
 
         self.schedule = Schedule.build(cfg.sample, acc.device)
