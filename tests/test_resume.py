@@ -223,3 +223,17 @@ def test_checkpoint_files_are_what_the_docs_say(tiny_world, tmp_path):
     rng = torch.load(folder / "rng_0.pt", weights_only=True)
     assert {"torch", "cuda", "numpy", "python", "trainer"} == rng.keys()
     assert not list((tmp_path / "c" / "checkpoints").glob(".*"))  # no partial left over
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT only asks for a stop; the second raises KeyboardInterrupt."""
+    import os
+
+    from vipo.faults import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

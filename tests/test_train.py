@@ -29,16 +29,7 @@ def worlds(tmp_path_factory):
             "clip": tiny.build_clip(root / "clip")}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each Trainer builds its own Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()  # the tiny preset sets 1 (run.cpu_threads)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def make_cfg(arch, worlds, tmp_path, **overrides) -> Config:

@@ -106,6 +106,7 @@ class Trainer:
                                      start=self.start_iteration) if acc.is_main_process else None
         self.history: list[dict] = [{k: v for k, v in r.items() if k != "iteration"}
                                     for r in (self.metrics.rows if self.metrics else [])]
+        self._resumed_rows = len(self.history)
         self.eval = self._eval_phase()
 
     def _eval_phase(self):
@@ -645,7 +646,10 @@ class Trainer:
 
     def _finish(self, start: float) -> dict:
         seconds = time.perf_counter() - start
-        line = summary_line(self.history, seconds, self.run_dir)
+        # This session's iterations: a resumed run's earlier rows took no time here.
+        line = summary_line(self.history[self._resumed_rows:], seconds, self.run_dir)
+        if self.start_iteration:
+            line += f" (resumed at iteration {self.start_iteration})"
         if self.eval is not None:
             line += self.eval.summary()
             self.eval.close()
