@@ -172,18 +172,24 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tiny_world, tmp_path):
 
 
 def _make_run_dir(args):
+    import vipo.run_dir
+
     out, barrier = args
+    # The same second for all, so that every one of them wants the same generated name.
+    vipo.run_dir.time.strftime = lambda fmt: "20261201-120000"
     barrier.wait()  # all start at the same moment
     return str(create_run_dir(out, "", "tiny"))
 
 
 def test_run_folders_never_collide(tmp_path):
-    """Eight runs creating their folder at the same moment get eight folders."""
+    """Eight runs creating their folder at the same moment, in the same second, get eight
+    folders: tiny-20261201-120000 and its -2 ... -8."""
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(8)
         with multiprocessing.get_context("spawn").Pool(8) as pool:
             folders = pool.map(_make_run_dir, [(tmp_path, barrier)] * 8)
-    assert len(set(folders)) == 8 and all(Path(f).is_dir() for f in folders)
+    assert sorted(Path(f).name for f in folders) == sorted(
+        ["tiny-20261201-120000"] + [f"tiny-20261201-120000-{n}" for n in range(2, 9)])
 
 
 def test_two_trainer_runs_started_together(tiny_world, tmp_path):
