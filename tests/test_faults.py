@@ -497,3 +497,11 @@ def test_tiny_cache_is_rebuilt(tmp_path, damage):
 
     Dinov2Model.from_pretrained(folder)  # whole again
     assert not list(tmp_path.glob(".*building*"))
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    """--debug re-raises instead of printing one line (so the traceback shows)."""
+    from vipo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample.prompts"):
+        run("tiny", f"prompts={tmp_path / 'missing.txt'}", "--debug")
