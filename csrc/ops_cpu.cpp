@@ -44,34 +44,56 @@ void log_prob_cpu(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
                     /*sample_noise=*/false, at::get_num_threads());
 }
 
+Advantages advantages(const at::Tensor& adv, const at::Tensor& weights, double adv_clip) {
+  return {adv.data_ptr<float>(), weights.data_ptr<float>(), adv.size(1),
+          static_cast<float>(adv_clip)};
+}
+
 void loss_position_cpu_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
-                          const at::Tensor& old, const at::Tensor& adv,
+                          const at::Tensor& old, const at::Tensor& adv, const at::Tensor& weights,
                           const c10::optional<at::Tensor>& amap, const at::Tensor& cs,
                           const at::Tensor& co, const at::Tensor& std,
                           const c10::optional<at::Tensor>& ref,
                           const c10::optional<at::Tensor>& grad, at::Tensor& partials_out,
-                          double clip_range, double kl_coef, double grad_scale,
-                          int64_t block_p) {
-  check_loss_position({v, z, x, cs, co, std}, old, adv, amap, ref, grad, partials_out, block_p);
+                          double clip_range, double adv_clip, double kl_coef, int64_t block_p) {
+  check_loss_position({v, z, x, cs, co, std}, old, adv, weights, amap, ref, grad, partials_out,
+                      block_p);
   loss_position_cpu(partials_out.data_ptr<float>(), grad.has_value() ? grad->data_ptr() : nullptr,
                     latent_dtype(v, "v"), latent(v), latent(z), latent(x), optional_latent(ref),
                     old.data_ptr<float>(), amap.has_value() ? amap->data_ptr<float>() : nullptr,
-                    adv.data_ptr<float>(), coefficients(cs, co, std), sizes(v, block_p),
-                    clip_range, static_cast<float>(kl_coef), static_cast<float>(grad_scale),
+                    advantages(adv, weights, adv_clip), coefficients(cs, co, std),
+                    sizes(v, block_p), clip_range, static_cast<float>(kl_coef),
                     at::get_num_threads());
+}
+
+void reduce_partials_cpu_op(const at::Tensor& partials, const at::Tensor& adv,
+                            const at::Tensor& weights, const at::Tensor& std,
+                            at::Tensor& stats_out, int64_t positions, double adv_clip,
+                            double kl_coef) {
+  check_reduce_partials(partials, adv, weights, std, stats_out, positions);
+  const char* bad = reduce_partials_cpu(partials.data_ptr<float>(), partials.size(0),
+                                        partials.size(1), positions,
+                                        advantages(adv, weights, adv_clip), std.data_ptr<float>(),
+                                        kl_coef, stats_out.data_ptr<float>());
+  TORCH_CHECK_VALUE(bad == nullptr, bad);
 }
 
 void grad_sample_cpu_op(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
                         const at::Tensor& dlogp, const at::Tensor& cs, const at::Tensor& co,
                         const at::Tensor& std, const c10::optional<at::Tensor>& ref,
                         const c10::optional<at::Tensor>& grad, at::Tensor& kl_out,
-                        double kl_coef, double grad_scale, int64_t block_p) {
+                        double kl_coef, int64_t block_p) {
   check_grad_sample({v, z, x, cs, co, std}, dlogp, ref, grad, kl_out, block_p);
   grad_sample_cpu(kl_out.data_ptr<float>(), grad.has_value() ? grad->data_ptr() : nullptr,
                   latent_dtype(v, "v"), latent(v), latent(z), latent(x), optional_latent(ref),
                   dlogp.data_ptr<float>(), coefficients(cs, co, std), sizes(v, block_p),
-                  static_cast<float>(kl_coef), static_cast<float>(grad_scale),
-                  at::get_num_threads());
+                  static_cast<float>(kl_coef), at::get_num_threads());
+}
+
+// On the CPU the upstream gradient is read directly: that is no device sync.
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& dloss) {
+  check_scale_grad(grad, dloss);
+  if (dloss.item<float>() != 1.0f) grad.mul_(dloss);
 }
 
 }  // namespace
@@ -80,7 +102,9 @@ TORCH_LIBRARY_IMPL(vipo, CPU, m) {
   m.impl("step", &step_cpu);
   m.impl("log_prob", &log_prob_cpu);
   m.impl("loss_position", &loss_position_cpu_op);
+  m.impl("reduce_partials", &reduce_partials_cpu_op);
   m.impl("grad_sample", &grad_sample_cpu_op);
+  m.impl("scale_grad", &scale_grad_cpu);
 }
 
 }  // namespace vipo
