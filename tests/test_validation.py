@@ -129,6 +129,7 @@ def test_bad_step_inputs(backend):
 
 def test_unavailable_backend_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(backends._MODULES, "cuda", ("vipo_kernels._no_such_module", "cuda"))
+    monkeypatch.setattr(backends, "_resolved", {})
     z = torch.randn(1, 1, 2, 2)
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         sde_step(z, z, z, coef_sample=1.0, coef_output=-0.1, std=0.1, backend="cuda")

@@ -60,8 +60,8 @@ def _bcp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bp(x: torch.Tensor) -> torch.Tensor:
-    """(B, *S) -> contiguous (B, P) float32."""
-    return x.detach().reshape(x.shape[0], -1).to(torch.float32).contiguous()
+    """(B, *S) -> contiguous (B, P) float32 (a view when it already is)."""
+    return x.reshape(x.shape[0], -1).to(torch.float32).contiguous()
 
 
 def _step_coefficients(coef_sample, coef_output, std, batch, device):
