@@ -375,21 +375,24 @@ def test_trainer_passes_maps_and_advantages_unchanged(worlds, tmp_path, monkeypa
     assert {"loss_clip_redness", "loss_clip_jpeg_incompressibility"} <= stats.keys()
 
 
-def test_default_command_runs_the_tiny_preset(tmp_path, monkeypatch, capsys):
-    """`python -m vipo.train` with no arguments = the tiny preset; here cut to 2 iterations
-    and with the tiny world built in a temporary cache."""
-    from vipo.train import main
+def test_default_command_runs_the_toy_preset(tmp_path, capsys):
+    """`python -m vipo.train` with no arguments = ViPO on the shipped toy world with the
+    redness reward and the toy backbone; here cut to 2 iterations and 4 eval prompts."""
+    from vipo.train import main, parse_args
 
-    monkeypatch.setenv("VIPO_TINY_CACHE", str(tmp_path / "cache"))
-    assert main(["iterations=2", f"output_dir={tmp_path / 'runs'}", "run_name=default",
-                 "progress=false"]) == 0
+    cfg = parse_args([])
+    assert (cfg.preset, cfg.model.path, cfg.psm.backbone, cfg.reward.reward,
+            cfg.train.algorithm) == ("toy", "toy", "toy", ["redness"], "vipo")
+    assert cfg.eval.eval_prompts == "toy_heldout" and "toy_fidelity" in cfg.eval.eval_rewards
+    assert main(["iterations=2", "eval_samples=4", f"output_dir={tmp_path / 'runs'}",
+                 "run_name=default", "progress=false"]) == 0
     out = capsys.readouterr().out
-    assert "vipo.train: 2 iterations in" in out and "reward_mean" in out
+    assert "vipo.train: 2 iterations in" in out and "eval redness" in out
     run = tmp_path / "runs" / "default"
     assert len(read_metrics(run / "metrics.csv")) == 2
+    assert [row["iteration"] for row in read_metrics(run / "eval.csv")] == [0, 2]
     assert (run / "samples" / "maps000001.png").is_file()  # the last iteration's overlay
-    assert (tmp_path / "cache" / "sd3" / "TINY_WORLD").is_file()
-    assert (tmp_path / "cache" / "dinov2" / "config.json").is_file()
+    assert (run / "eval" / "before_after.png").is_file() and (run / "eval_curves.png").is_file()
     assert Config.from_yaml(run / "config.yaml").train.iterations == 2
 
 

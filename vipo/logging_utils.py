@@ -15,14 +15,15 @@ class MetricsLogger:
     """Appends one row per iteration to ``metrics.csv`` (fixed columns, from the first row)
     and mirrors every scalar to TensorBoard under ``<run>/tensorboard``."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.csv"
+    def __init__(self, run_dir: Path, tensorboard: bool = True, *, filename: str = "metrics.csv",
+                 tensorboard_dir: str = "tensorboard"):
+        self.path = Path(run_dir) / filename
         self.columns: list | None = None
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / tensorboard_dir))
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"iteration": step, **{k: _scalar(v) for k, v in metrics.items()}}
@@ -60,15 +61,38 @@ def save_grid(images: torch.Tensor, path, nrow: int) -> None:
     """Images (N, 3, H, W) in [0, 1] tiled ``nrow`` per row (one group per row) as PNG."""
     from PIL import Image
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_pixels(images, nrow)).save(path)
+
+
+def save_labelled_grids(panels: list, path, nrow: int, scale: int = 2) -> None:
+    """Several grids stacked top to bottom, each under its label: ``panels`` is a list of
+    (label, images (N, 3, H, W)); pixels are enlarged ``scale`` times (nearest)."""
+    from PIL import Image, ImageDraw
+
+    pictures = [Image.fromarray(grid_pixels(images, nrow)) for _, images in panels]
+    pictures = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pictures]
+    label_h = 16
+    canvas = Image.new("RGB", (max(p.width for p in pictures),
+                               sum(p.height + label_h for p in pictures)), "white")
+    draw, top = ImageDraw.Draw(canvas), 0
+    for (label, _), picture in zip(panels, pictures):
+        draw.text((4, top + 2), label, fill=(0, 0, 0))
+        canvas.paste(picture, (0, top + label_h))
+        top += picture.height + label_h
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def grid_pixels(images: torch.Tensor, nrow: int):
+    """(N, 3, H, W) in [0, 1] -> a uint8 (rows, cols, 3) numpy tile of ``nrow`` per row."""
     n, _, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.zeros(3, rows * (h + 2), nrow * (w + 2))
     for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
         r, c = divmod(i, nrow)
         grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
-    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 class PhaseTimer:

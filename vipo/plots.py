@@ -76,6 +76,101 @@ def plot_curves(metrics_csv, out_png, keys=DEFAULT_KEYS) -> Path:
     return Path(out_png)
 
 
+BAND_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def plot_bands(panels: dict, out_png) -> Path:
+    """One panel per metric with a mean line and a +-std band per method.
+
+    panels: {metric: {method: (xs, means, stds)}}, as from vipo.experiments.compare."""
+    keys = [k for k, series in panels.items() if series]
+    if not keys:
+        raise ValueError("plot_bands: nothing to plot")
+    image = Image.new("RGB", (PANEL_W, PANEL_H * len(keys) + 20), "white")
+    draw = ImageDraw.Draw(image, "RGBA")
+    for i, key in enumerate(keys):
+        _band_panel(draw, i * PANEL_H, key, panels[key])
+    methods = list(next(iter(panels[k] for k in keys)))
+    x = MARGIN
+    for j, method in enumerate(methods):
+        draw.text((x, PANEL_H * len(keys) + 4), method, fill=BAND_COLOURS[j % 5])
+        x += 8 + 7 * len(method)
+    image.save(out_png)
+    return Path(out_png)
+
+
+def _band_panel(draw, top: int, key: str, series: dict) -> None:
+    left, right, bottom = MARGIN, PANEL_W - 12, top + PANEL_H - 24
+    draw.rectangle([left, top + 22, right, bottom], outline=(160, 160, 160))
+    values = [v for xs, m, s in series.values() for a, b in zip(m, s) for v in (a - b, a + b)
+              if math.isfinite(v)]
+    if not values:
+        draw.text((left, top + 4), f"{key}: no finite values", fill=(0, 0, 0))
+        return
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1.0
+    x_max = max(max(xs) for xs, _, _ in series.values()) or 1.0
+
+    def point(x, y):
+        return (left + (right - left) * x / x_max,
+                bottom - (bottom - top - 22) * (y - lo) / (hi - lo))
+
+    for j, (xs, means, stds) in enumerate(series.values()):
+        colour = BAND_COLOURS[j % 5]
+        upper = [point(x, m + s) for x, m, s in zip(xs, means, stds)]
+        lower = [point(x, m - s) for x, m, s in zip(xs, means, stds)]
+        if len(xs) > 1:
+            draw.polygon(upper + lower[::-1], fill=colour + (50,))
+            draw.line([point(x, m) for x, m in zip(xs, means)], fill=colour, width=2)
+    draw.text((left, top + 4), f"{key} (mean +- std over seeds)", fill=(0, 0, 0))
+    draw.text((4, top + 22), f"{hi:.3g}", fill=(90, 90, 90))
+    draw.text((4, bottom - 10), f"{lo:.3g}", fill=(90, 90, 90))
+    draw.text((right - 60, bottom + 4), f"iter {int(x_max)}", fill=(90, 90, 90))
+
+
+def plot_xy(panels: dict, out_png, x_label: str) -> Path:
+    """One panel per title, a line with dots per method: panels {title: {method: (xs, ys)}}
+    (e.g. out-of-domain fidelity against in-domain reward, one point per evaluation)."""
+    image = Image.new("RGB", (PANEL_W, PANEL_H * len(panels) + 20), "white")
+    draw = ImageDraw.Draw(image)
+    methods: list = []
+    for i, (title, series) in enumerate(panels.items()):
+        top = i * PANEL_H
+        left, right, bottom = MARGIN, PANEL_W - 12, top + PANEL_H - 24
+        draw.rectangle([left, top + 22, right, bottom], outline=(160, 160, 160))
+        xs = [x for a, _ in series.values() for x in a if math.isfinite(x)]
+        ys = [y for _, b in series.values() for y in b if math.isfinite(y)]
+        if not xs or not ys:
+            continue
+        x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+        x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
+
+        def point(x, y):
+            return (left + (right - left) * (x - x_lo) / (x_hi - x_lo),
+                    bottom - (bottom - top - 22) * (y - y_lo) / (y_hi - y_lo))
+
+        for j, (method, (a, b)) in enumerate(series.items()):
+            colour = BAND_COLOURS[j % 5]
+            pts = [point(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            if method not in methods:
+                methods.append(method)
+        draw.text((left, top + 4), title, fill=(0, 0, 0))
+        draw.text((4, top + 22), f"{y_hi:.3g}", fill=(90, 90, 90))
+        draw.text((4, bottom - 10), f"{y_lo:.3g}", fill=(90, 90, 90))
+        draw.text((left, bottom + 4), f"{x_label}: {x_lo:.3g}", fill=(90, 90, 90))
+        draw.text((right - 60, bottom + 4), f"{x_hi:.3g}", fill=(90, 90, 90))
+    x = MARGIN
+    for j, method in enumerate(methods):
+        draw.text((x, PANEL_H * len(panels) + 4), method, fill=BAND_COLOURS[j % 5])
+        x += 8 + 7 * len(method)
+    image.save(out_png)
+    return Path(out_png)
+
+
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:

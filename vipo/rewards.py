@@ -51,14 +51,14 @@ def _resolve(name: str) -> Callable:
     return _REGISTRY[name]
 
 
-def check_reward_name(name: str) -> None:
+def check_reward_name(name: str, field: str = "reward.reward") -> None:
     """Start-up check (no model loaded): the name is registered or importable."""
     from .config import ConfigError
 
     try:
         _resolve(name)
     except ValueError as err:
-        raise ConfigError(f"reward.reward: {err}") from None
+        raise ConfigError(f"{field}: {err}") from None
 
 
 def build_reward(name: str, cfg, device) -> RewardFn:
@@ -226,4 +226,29 @@ def imagereward(cfg, device) -> RewardFn:
     def fn(images, prompts):
         return torch.tensor([float(model.score(prompt, [img]))
                              for img, prompt in zip(_to_pil(images), prompts)])
+    return fn
+
+
+# ---- the toy world's evaluator (vipo/toy) --------------------------------------------------
+@register_reward("toy_fidelity")
+def toy_fidelity(cfg, device) -> RewardFn:
+    """Prompt fidelity of toy-world images judged by the shipped toy evaluator (a ResNet,
+    not the PSM backbone): the share of shape, colour, position and background it reads as
+    the prompt says, in {0, 0.25, ..., 1}. ``fn.details`` gives each attribute's accuracy
+    and ``structure_iou`` (its 8 x 8 object mask against the prompt's rendered mask)."""
+    from .toy import world
+    from .toy.evaluator import ToyEvaluator
+
+    evaluator = ToyEvaluator(device=device)
+
+    def score(images, prompts):
+        return evaluator.score(images, [world.parse_prompt(p) for p in prompts])
+
+    def details(images, prompts):  # the fidelity itself is the reward's own value
+        return {k: v for k, v in score(images, prompts).items() if k != "fidelity"}
+
+    def fn(images, prompts):
+        return score(images, prompts)["fidelity"]
+
+    fn.details = details
     return fn

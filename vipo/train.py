@@ -6,10 +6,12 @@ One iteration (METHOD.md 7), one method per phase:
   advantages  group-normalised advantages, then PSM allocation maps (ViPO)
   optimize    recompute the velocity on a random subset of steps; fused vipo_loss; AdamW
   log         metrics CSV + TensorBoard, sample grids, map overlays
+  evaluate    fixed held-out prompts from fixed noise (vipo/evaluation.py), before the first
+              iteration, every eval_every and after the last
   checkpoint  trained weights (and EMA) as safetensors
 ``setup`` builds everything through ``accelerate.Accelerator`` (DDP/FSDP on GPUs via
-``accelerate launch``; ``cpu=True`` without CUDA). With no arguments the ``tiny`` preset
-trains an embedded random SD3-architecture model on the CPU.
+``accelerate launch``; ``cpu=True`` without CUDA). With no arguments the ``toy`` preset
+trains the shipped pretrained toy-world generator (vipo/toy) with ViPO on the CPU.
 """
 
 from __future__ import annotations
@@ -25,20 +27,13 @@ from pathlib import Path
 import torch
 
 from .advantages import group_advantages
-from .config import Config, ConfigError, help_text
+from .config import DEFAULT_PRESET, Config, ConfigError, help_text
 from .logging_utils import MetricsLogger, PhaseTimer, save_grid, summary_line
 from .plots import plot_curves
+from .prompts import load_prompts
 
 logger = logging.getLogger("vipo")
 
-BUILTIN_PROMPTS = [
-    "a red apple on a wooden table", "a cat sleeping on a sofa", "a lighthouse at sunset",
-    "a bowl of strawberries", "a vintage car on a country road", "a fox in a snowy forest",
-    "a cup of coffee next to a book", "a sailing boat on a calm sea", "a bunch of tulips",
-    "a mountain cabin under the stars", "a parrot on a branch", "a bicycle leaning on a wall",
-    "a slice of watermelon", "a castle on a hill", "a dog running on the beach",
-    "a hot air balloon over fields",
-]
 
 
 class Trainer:
@@ -88,6 +83,16 @@ class Trainer:
             if acc.is_main_process else None
         self.history: list[dict] = []
         self.optimizer_steps = 0
+        self.eval = self._eval_phase()
+
+    def _eval_phase(self):
+        if self.cfg.eval.eval_every < 0:
+            return None
+        from .evaluation import EvalPhase
+
+        return EvalPhase(self.cfg, self.adapter, self.schedule, self.rewards, self.run_dir,
+                         device=self.accelerator.device,
+                         is_main=self.accelerator.is_main_process)
 
     def _make_run_dir(self) -> Path:
         from accelerate.utils import broadcast_object_list
@@ -105,7 +110,11 @@ class Trainer:
         from .adapters import get_adapter
 
         model_cfg = copy.copy(self.cfg.model)
-        if model_cfg.path == "tiny":
+        if model_cfg.path == "toy":
+            from .toy.models import asset
+
+            model_cfg.path = str(asset("generator"))
+        elif model_cfg.path == "tiny":
             from . import tiny
 
             with self.accelerator.main_process_first():
@@ -158,7 +167,11 @@ class Trainer:
 
         p = self.cfg.psm
         path = p.backbone
-        if path == "tiny":
+        if path == "toy":
+            from .toy.models import asset
+
+            path = str(asset("backbone"))
+        elif path == "tiny":
             from . import tiny
 
             with self.accelerator.main_process_first():
@@ -390,6 +403,18 @@ class Trainer:
     def adv_weights(self) -> list:
         return self.cfg.reward_weights if self.cfg.reward.multi_reward == "per_reward" else [1.0]
 
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, iteration: int) -> None:
+        """The evaluation phase on the current weights (vipo/evaluation.py)."""
+        if self.eval is None:
+            return
+        with self.timer("eval"):
+            self.eval(self.model, iteration, self.accelerator.autocast)
+
+    def _eval_due(self, done: int) -> bool:
+        every = self.cfg.eval.eval_every
+        return every > 0 and done % every == 0 and done < self.cfg.train.iterations
+
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         from tqdm.auto import tqdm
@@ -397,6 +422,7 @@ class Trainer:
         cfg, start = self.cfg, time.perf_counter()
         bar = tqdm(range(cfg.train.iterations), desc="vipo", dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.accelerator.is_main_process))
+        self.evaluate(0)
         for it in bar:
             roll = self.sample()
             rewards = self.score(roll)
@@ -404,20 +430,26 @@ class Trainer:
             stats = self.optimize(roll, adv, maps)
             row = self.log(it, roll, rewards, adv, raw, stats)
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.2e}")
+            if self._eval_due(it + 1):
+                self.evaluate(it + 1)
             every = cfg.run.checkpoint_every
             if every > 0 and (it + 1) % every == 0 and it + 1 < cfg.train.iterations:
                 self.checkpoint(f"iter{it + 1:06d}")
+        self.evaluate(cfg.train.iterations)
         if cfg.run.checkpoint_every >= 0:
             self.checkpoint("final")
         seconds = time.perf_counter() - start
         line = summary_line(self.history, seconds, self.run_dir)
+        if self.eval is not None:
+            line += self.eval.summary()
+            self.eval.close()
         if self.accelerator.is_main_process:
             self.metrics.close()
             if self.history:
                 plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
             print(line, flush=True)
         return {"run_dir": self.run_dir, "history": self.history, "summary": line,
-                "seconds": seconds}
+                "seconds": seconds, "eval": self.eval.rows if self.eval is not None else []}
 
 
 def _cpu_gen(rng: random.Random) -> torch.Generator:
@@ -428,22 +460,10 @@ def _tag(name: str) -> str:
     return name.replace(":", "_").replace(".", "_")
 
 
-def load_prompts(source: str) -> list:
-    if source == "builtin":
-        return list(BUILTIN_PROMPTS)
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"sample.prompts: {source!r} is neither 'builtin' nor a file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"sample.prompts: {source!r} holds no prompt")
-    return prompts
-
-
 def parse_args(args: list) -> Config:
     """[PRESET | CONFIG.yaml] then key=value overrides -> a validated Config."""
     args = list(args)
-    cfg = Config.from_name("tiny")
+    cfg = Config.from_name(DEFAULT_PRESET)
     if args and "=" not in args[0]:
         first = args.pop(0)
         cfg = Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else \

@@ -3,7 +3,8 @@
 Follows diffusers' StableDiffusion3Pipeline.__call__ (v0.42.1): timestep = 1000*sigma
 passed as is; latents scaled by 1/scaling_factor + shift_factor before decoding. Changed:
 no scheduler object (the trainer owns the SDE step); CFG branches run as two passes so the
-unconditional one can run without grad.
+unconditional one can run without grad; the all-zero T5 tokens of a pipeline without T5 are
+replaced by one token of the same attention weight (exact, ``repeated_context``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,24 @@ class SD3Adapter(Adapter):
         cond = {"prompt_embeds": embeds, "pooled": pooled}
         if self.use_cfg:
             cond.update(neg_prompt_embeds=neg_embeds, neg_pooled=neg_pooled)
+        return self._compress_zero_tokens(cond)
+
+    def _compress_zero_tokens(self, cond: dict) -> dict:
+        """Without T5 (or with one that outputs zeros) the last max_sequence_length tokens
+        are zeros: keep one, weighted by their count (vipo/adapters/repeated_context.py)."""
+        from .repeated_context import RepeatedContextJointAttnProcessor, compress_zero_tail
+
+        tail = self.cfg.max_sequence_length
+        keys = [k for k in cond if k.endswith("prompt_embeds")]
+        if any(cond[k].shape[1] <= tail or bool(cond[k][:, -tail:].any()) for k in keys):
+            return cond
+        if not getattr(self, "_repeated_context", False):
+            self.transformer.set_attn_processor(RepeatedContextJointAttnProcessor())
+            self._repeated_context = True
+        for key in keys:
+            cond[key], log_count = compress_zero_tail(cond[key], tail)
+            cond[key.replace("prompt_embeds", "log_count")] = log_count.expand(
+                cond[key].shape[0], -1)  # (B, S_ctx): one row per sample, like the embeds
         return cond
 
     def latent_shape(self) -> tuple:
@@ -40,9 +59,12 @@ class SD3Adapter(Adapter):
 
     def forward(self, model, latents, timesteps, cond, negative=False):
         prefix = "neg_" if negative else ""
+        log_count = cond.get(prefix + "log_count")
         out = model(hidden_states=latents.to(self.model_dtype), timestep=timesteps,
                     encoder_hidden_states=cond[prefix + "prompt_embeds"],
-                    pooled_projections=cond[prefix + "pooled"], return_dict=False)[0]
+                    pooled_projections=cond[prefix + "pooled"], return_dict=False,
+                    joint_attention_kwargs=None if log_count is None else
+                    {"context_log_count": log_count})[0]
         return out.float()
 
     @torch.no_grad()
