@@ -41,12 +41,15 @@ def test_splits_are_disjoint_and_cover_every_attribute_value():
 def test_object_pixels_have_the_object_colour_and_the_rest_the_background():
     spec = world.Spec("square", "blue", "white", "centre", "large")
     image, mask = world.render(spec, 32)
-    inside = image[:, mask].mean(dim=1)
-    outside = image[:, ~mask].mean(dim=1)
-    assert torch.allclose(inside, torch.tensor(world.COLOURS["blue"]), atol=0.05)
-    assert torch.allclose(outside, torch.tensor(world.BACKGROUNDS["white"]), atol=0.05)
-    area = mask.float().mean()
-    assert abs(float(area) - world.SIZES["large"]) < 0.03
+    blue, white = torch.tensor(world.COLOURS["blue"]), torch.tensor(world.BACKGROUNDS["white"])
+    # Fully covered and fully uncovered pixels are exact; only the edge is blended.
+    assert torch.allclose(image[:, 16, 16], blue) and torch.allclose(image[:, 0, 0], white)
+    edge = ~(torch.isclose(image, blue.view(3, 1, 1)).all(0)
+             | torch.isclose(image, white.view(3, 1, 1)).all(0))
+    assert 0 < int(edge.sum()) < 0.25 * int(mask.sum())  # anti-aliased, not blurred
+    coverage = (image[2] - white[2]) / (blue[2] - white[2])  # the blend weight per pixel
+    assert abs(float(coverage.mean()) - world.SIZES["large"]) < 0.005
+    assert abs(float(mask.float().mean()) - world.SIZES["large"]) < 0.04
 
 
 def test_positions_move_the_object_and_sizes_scale_it():
@@ -164,7 +167,9 @@ def test_adapter_shortcut_matches_the_plain_pipeline_velocity():
     assert embeds.shape[1] == models.TEXT_LENGTH + 256
     full = pipe.transformer(hidden_states=z, timestep=t, encoder_hidden_states=embeds,
                             pooled_projections=pooled, return_dict=False)[0]
-    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-4), (fast - full).abs().max()
+    # fp32 rounding of a 17- against a 272-key softmax: relative to the output's scale.
+    error = float((fast - full).abs().max() / full.abs().max())
+    assert error < 2e-5, error
 
 
 def test_toy_fidelity_reward_and_its_details(evaluator):
