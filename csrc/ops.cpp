@@ -75,6 +75,12 @@ TORCH_LIBRARY(vipo, m) {
   m.def("grad_sample(Tensor v, Tensor z, Tensor x, Tensor dlogp, Tensor cs, Tensor co, "
         "Tensor std, Tensor? ref, Tensor(a!)? grad, Tensor(b!) kl_out, float kl_coef, "
         "int block_p) -> ()");
+  // loss_position then reduce_partials, returning the loss with its autograd in C++ (CPU):
+  // backward scales the dL/dv written into grad (ops_cpu.cpp).
+  m.def("fused_loss(Tensor v, Tensor z, Tensor x, Tensor old, Tensor adv, Tensor weights, "
+        "Tensor? amap, Tensor cs, Tensor co, Tensor std, Tensor? ref, Tensor(a!) grad, "
+        "Tensor(b!) partials_out, Tensor(c!) stats_out, float clip_range, float adv_clip, "
+        "float kl_coef, int block_p) -> Tensor");
   // grad *= dloss, unless dloss is 1: read on the device, so backward needs no host sync.
   m.def("scale_grad(Tensor(a!) grad, Tensor dloss) -> ()");
 }

@@ -134,7 +134,7 @@ def test_outputs_poisoned_by_caller(cpp):
     k = -(-P // bp)
     nan = float("nan")
     grad, partials = torch.full_like(v, nan), torch.full((B, k, N_COLUMNS), nan)
-    stats = cpp.loss_position(v, z, x, old, adv, torch.ones(1), amap, cs, co, sd, ref, grad,
+    _, stats = cpp.loss_position(v, z, x, old, adv, torch.ones(1), amap, cs, co, sd, ref, grad,
                               clip_range=1e-2, adv_clip=5.0, kl_coef=0.5, partials_out=partials)
     assert torch.isfinite(grad).all() and torch.isfinite(partials).all()
     assert torch.isfinite(stats).all()
@@ -295,9 +295,9 @@ def test_primitive_under_torch_compile_fullgraph(cpp):
     a = _op_args(cpp)
 
     def fused(v, z, x, old, adv, weights, amap, cs, co, std):
-        stats = cpp.loss_position(v, z, x, old, adv, weights, amap, cs, co, std, None, None,
-                                  clip_range=1e-2, adv_clip=5.0, kl_coef=0.0)
-        return stats[0] * 2.0
+        loss, _ = cpp.loss_position(v, z, x, old, adv, weights, amap, cs, co, std, None, None,
+                                    clip_range=1e-2, adv_clip=5.0, kl_coef=0.0)
+        return loss * 2.0
 
     inputs = [a[k] for k in ("v", "z", "x", "old", "adv", "weights", "amap", "cs", "co", "std")]
     compiled = torch.compile(fused, fullgraph=True)(*inputs)

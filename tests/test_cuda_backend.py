@@ -101,9 +101,9 @@ def test_outputs_poisoned_by_caller(cuda_backend):
     nan = float("nan")
     grad = torch.full_like(v, nan)
     partials = torch.full((B, k, N_COLUMNS), nan, device="cuda")
-    stats = cuda_backend.loss_position(v, z, x, old, adv, torch.ones(1, device="cuda"), amap, cs,
-                                       co, sd, ref, grad, clip_range=1e-2, adv_clip=5.0,
-                                       kl_coef=0.5, partials_out=partials)
+    _, stats = cuda_backend.loss_position(v, z, x, old, adv, torch.ones(1, device="cuda"), amap,
+                                          cs, co, sd, ref, grad, clip_range=1e-2, adv_clip=5.0,
+                                          kl_coef=0.5, partials_out=partials)
     assert torch.isfinite(grad).all() and torch.isfinite(partials).all()
     assert torch.isfinite(stats).all()
     kl = torch.full((B, k), nan, device="cuda")

@@ -251,3 +251,29 @@ def test_second_backward_is_refused(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already backpropagated"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_implement_the_protocol(backend):
+    """Every kernel backend is one object with the five primitives of KernelBackend."""
+    impl = backends.resolve(backend, torch.device("cpu"))
+    assert isinstance(impl, backends.KernelBackend)
+
+
+def test_triton_launcher_names_a_bad_argument():
+    """The Triton launchers check their arguments as the compiled ops do."""
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton is not installed")
+    from vipo_kernels import triton_backend
+
+    v = torch.randn(2, 3, 5)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match="x must be"):
+        triton_backend.log_prob(v, v, v[:, :2], ones, ones, ones)
+    with pytest.raises(ValueError, match="std must be a contiguous float32"):
+        triton_backend.log_prob(v, v, v, ones, ones, ones.double())
+    with pytest.raises(ValueError, match="weights must have shape"):
+        triton_backend.loss_position(v, v, v, torch.zeros(2, 5), torch.ones(2, 2),
+                                     torch.ones(3), None, ones, ones, ones, None, None,
+                                     clip_range=0.1,
+                                     adv_clip=5.0, kl_coef=0.0)

@@ -35,8 +35,9 @@ class KernelBackend(Protocol):
 
     def loss_position(self, v, z, x, old, adv, weights, amap, cs, co, std, ref, grad, *,
                       clip_range, adv_clip, kl_coef):
-        """The position-level loss in one pass: dL/dv into ``grad``; returns the
-        (N_STATS + K,) fp32 statistics of ``partials.STATS``, raising on a bad value."""
+        """The position-level loss in one pass: dL/dv into ``grad``; returns (loss, the
+        (N_STATS + K,) fp32 statistics of ``partials.STATS``), raising on a bad value. With
+        ``grad`` the loss is differentiable in ``v``, and its backward scales ``grad``."""
 
     def grad_sample(self, v, z, x, dlogp, cs, co, std, ref, grad, *, kl_coef):
         """dlogp[b] dl/dv + the KL gradient into ``grad``; returns (B, n_blocks) KL sums."""

@@ -17,6 +17,7 @@ import abc
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.vipo)
+from .autograd import with_gradient
 from .buffers import new_buffer
 from .partials import N_COLUMNS, N_STATS, reduce_partials
 
@@ -63,16 +64,19 @@ class CompiledBackend(abc.ABC):
 
     def loss_position(self, v, z, x, old, adv, weights, amap, cs, co, std, ref, grad, *,
                       clip_range, adv_clip, kl_coef, partials_out=None):
-        """The (N_STATS + K,) statistics (``partials``); dL/dv into ``grad`` if given."""
+        """(loss, the (N_STATS + K,) statistics of ``partials``); dL/dv into ``grad`` if
+        given, and then the loss is differentiable in ``v``."""
         B, C, P = z.shape
         block_p = self.block_positions(B, C, P, z.device)
         if partials_out is None:
             partials_out = new_buffer((B, _blocks(P, block_p), N_COLUMNS), torch.float32,
                                       z.device)
         x, ref = self._inputs(v, z, x, ref)
-        ops.loss_position(v, z, x, old, adv, weights, amap, cs, co, std, ref, grad,
-                          partials_out, clip_range, adv_clip, kl_coef, block_p)
-        return self._reduce(partials_out, adv, weights, std, P, adv_clip, kl_coef)
+        with torch.no_grad():
+            ops.loss_position(v, z, x, old, adv, weights, amap, cs, co, std, ref, grad,
+                              partials_out, clip_range, adv_clip, kl_coef, block_p)
+            stats = self._reduce(partials_out, adv, weights, std, P, adv_clip, kl_coef)
+        return with_gradient(v, stats, grad, self.scale_grad)
 
     def grad_sample(self, v, z, x, dlogp, cs, co, std, ref, grad, *, kl_coef, kl_out=None):
         """(B, n_blocks) KL sums; dlogp[b] * dl/dv (+ the KL gradient) into ``grad``."""
@@ -81,7 +85,8 @@ class CompiledBackend(abc.ABC):
         if kl_out is None:
             kl_out = new_buffer((B, _blocks(P, block_p)), torch.float32, z.device)
         x, ref = self._inputs(v, z, x, ref)
-        ops.grad_sample(v, z, x, dlogp, cs, co, std, ref, grad, kl_out, kl_coef, block_p)
+        with torch.no_grad():
+            ops.grad_sample(v, z, x, dlogp, cs, co, std, ref, grad, kl_out, kl_coef, block_p)
         return kl_out
 
     def scale_grad(self, grad, dloss):
@@ -108,9 +113,27 @@ class CpuBackend(CompiledBackend):
         return max(1, min(block_p, P))
 
     def _reduce(self, partials, adv, weights, std, positions, adv_clip, kl_coef):
-        stats = new_buffer((N_STATS + adv.shape[1],), torch.float32, partials.device)
+        stats = new_buffer((N_STATS + adv.shape[-1],), torch.float32, partials.device)
         ops.reduce_partials(partials, adv, weights, std, stats, positions, adv_clip, kl_coef)
         return stats
+
+    def loss_position(self, v, z, x, old, adv, weights, amap, cs, co, std, ref, grad, *,
+                      clip_range, adv_clip, kl_coef, partials_out=None):
+        """With a gradient to write, one op whose autograd is C++ (``vipo::fused_loss``): the
+        Python wrapper around the kernel cost about a third of the kernel's time here."""
+        if grad is None:
+            return super().loss_position(v, z, x, old, adv, weights, amap, cs, co, std, ref,
+                                         grad, clip_range=clip_range, adv_clip=adv_clip,
+                                         kl_coef=kl_coef, partials_out=partials_out)
+        B, C, P = z.shape
+        block_p = self.block_positions(B, C, P, z.device)
+        if partials_out is None:
+            partials_out = new_buffer((B, _blocks(P, block_p), N_COLUMNS), torch.float32,
+                                      z.device)
+        stats = new_buffer((N_STATS + adv.shape[-1],), torch.float32, z.device)  # op checks adv
+        loss = ops.fused_loss(v, z, x, old, adv, weights, amap, cs, co, std, ref, grad,
+                              partials_out, stats, clip_range, adv_clip, kl_coef, block_p)
+        return loss, stats
 
 
 VEC = 4  # positions per CUDA thread (csrc/cuda/vipo_cuda.h kVecPositions)

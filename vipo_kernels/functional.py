@@ -2,9 +2,10 @@
 
 Each call checks its arguments (messages name the argument), picks a backend and
 either runs the float64-capable reference (``backend="torch"``) or a kernel backend's
-primitives (``backends.KernelBackend``). The position-level loss is one primitive call:
-the kernel pass, then the reduction of its partials (``partials``) into the statistics;
-the sample-level loss is built here from the reference's helpers.
+primitives (``backends.KernelBackend``). The position-level loss is one primitive call,
+which returns the loss already differentiable in the model output: the kernel pass, the
+reduction of its partials (``partials``) into the statistics and the autograd wrapper; the
+sample-level loss is built here from the reference's helpers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, partials, reference
+from .autograd import with_gradient
 from .buffers import new_buffer
 from .reference import STAT_NAMES
 from .validation import (as_per_sample, check_advantages, check_float_tensor,
@@ -167,28 +169,6 @@ def _sample_level(impl, v3, z3, x3, old, adv, weights, amap, cs, co, sd, ref3, g
                       per_reward.detach()]).to(torch.float32)
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Hands autograd the dL/dv that the kernel pass wrote next to the loss; backward only
-    scales it by the upstream gradient (``scale_grad``, on the device, no host read)."""
-
-    @staticmethod
-    def forward(ctx, model_output, stats, grad, scale_grad):
-        ctx.grad, ctx.scale_grad, ctx.shape = grad, scale_grad, model_output.shape
-        ctx.mark_non_differentiable(stats)
-        return stats[partials.STAT["loss"]], stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        if ctx.grad is None:
-            raise RuntimeError("vipo_loss: this loss was already backpropagated once and its "
-                               "gradient buffer handed on; call vipo_loss again for another "
-                               "backward pass")
-        # Handing the buffer on (not keeping a reference) lets autograd take it as the
-        # gradient of a leaf without copying it.
-        grad, ctx.grad = ctx.grad, None
-        return ctx.scale_grad(grad, grad_loss).reshape(ctx.shape), None, None, None
-
-
 def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map=None,
               *, coef_sample, coef_output, std, reward_weights=None, clip_range=1e-4,
               adv_clip=5.0, ratio_level="position", kl_coef=0.0, ref_model_output=None,
@@ -289,19 +269,17 @@ def _kernel_loss_eager(impl, model_output, sample, next_sample, old_log_prob, ad
     v3 = _bcp(model_output)
     grad = (_grad_buffer(model_output, v3, inplace)
             if model_output.requires_grad and torch.is_grad_enabled() else None)
+    args = (v3, _bcp(sample.detach()), _bcp(next_sample.detach()),
+            _bp(old_log_prob.detach()) if ratio_level == "position"
+            else old_log_prob.detach().float(),
+            adv.detach().float().contiguous(), weights,
+            _bp(allocation_map.detach()) if allocation_map is not None else None, cs, co, sd,
+            _bcp(ref.detach()) if ref is not None else None, grad)
+    if ratio_level == "position":
+        return impl.loss_position(*args, **options)  # differentiable in v3
     with torch.no_grad():
-        args = (v3, _bcp(sample), _bcp(next_sample),
-                _bp(old_log_prob) if ratio_level == "position" else old_log_prob.float(),
-                adv.float().contiguous(), weights,
-                _bp(allocation_map) if allocation_map is not None else None, cs, co, sd,
-                _bcp(ref) if ref is not None else None, grad)
-        if ratio_level == "position":
-            stats = impl.loss_position(*args, **options)
-        else:
-            stats = _sample_level(impl, *args, **options)
-    if grad is None:
-        return stats[partials.STAT["loss"]], stats
-    return _FusedLoss.apply(model_output, stats, grad, impl.scale_grad)
+        stats = _sample_level(impl, *args, **options)
+    return with_gradient(v3, stats, grad, impl.scale_grad)
 
 
 _kernel_loss = torch.compiler.disable(_kernel_loss_eager)

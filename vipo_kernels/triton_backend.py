@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import with_gradient
 from .buffers import new_buffer
 from .partials import COLUMN, N_COLUMNS, reduce_partials
 
@@ -347,7 +348,8 @@ def _ref_args(ref, v):
 def loss_position(v, z, x, old, adv, weights, amap, cs, co, std, ref, grad, *, clip_range,
                   adv_clip, kl_coef, partials_out=None):
     """The position-level loss: per-program partials (B, n_blocks, N_COLUMNS), reduced by
-    ``partials.reduce_partials`` to the (N_STATS + K,) statistics; dL/dv into ``grad``."""
+    ``partials.reduce_partials`` to the (N_STATS + K,) statistics; dL/dv into ``grad``, and
+    then the loss is differentiable in ``v``. Returns (loss, statistics)."""
     _check_step(v, z, x, cs, co, std)
     _check_optional(v, ref, grad)
     B, C, P = z.shape
@@ -373,8 +375,9 @@ def loss_position(v, z, x, old, adv, weights, amap, cs, co, std, ref, grad, *, c
             CLIP_RANGE=float(clip_range), ADV_CLIP=float(adv_clip), KL_COEF=float(kl_coef),
             HAS_MAP=amap is not None, HAS_REF=has_ref, WRITE_GRAD=grad is not None,
             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
-    return reduce_partials(partials_out, adv, weights, std, positions=P, adv_clip=adv_clip,
-                           kl_coef=kl_coef)
+    stats = reduce_partials(partials_out, adv, weights, std, positions=P, adv_clip=adv_clip,
+                            kl_coef=kl_coef)
+    return with_gradient(v, stats, grad, scale_grad)
 
 
 def grad_sample(v, z, x, dlogp, cs, co, std, ref, grad, *, kl_coef, kl_out=None):
