@@ -68,10 +68,17 @@ def save_grid(images: torch.Tensor, path, nrow: int) -> None:
 def save_labelled_grids(panels: list, path, nrow: int, scale: int = 2) -> None:
     """Several grids stacked top to bottom, each under its label: ``panels`` is a list of
     (label, images (N, 3, H, W)); pixels are enlarged ``scale`` times (nearest)."""
+    from PIL import Image
+
+    save_labelled_pictures([(label, Image.fromarray(grid_pixels(images, nrow)))
+                            for label, images in panels], path, scale)
+
+
+def save_labelled_pictures(panels: list, path, scale: int = 2) -> None:
+    """(label, PIL image) panels stacked top to bottom, each enlarged ``scale`` times."""
     from PIL import Image, ImageDraw
 
-    pictures = [Image.fromarray(grid_pixels(images, nrow)) for _, images in panels]
-    pictures = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pictures]
+    pictures = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for _, p in panels]
     label_h = 16
     canvas = Image.new("RGB", (max(p.width for p in pictures),
                                sum(p.height + label_h for p in pictures)), "white")

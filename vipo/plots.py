@@ -90,13 +90,17 @@ def plot_bands(panels: dict, out_png) -> Path:
     draw = ImageDraw.Draw(image, "RGBA")
     for i, key in enumerate(keys):
         _band_panel(draw, i * PANEL_H, key, panels[key])
-    methods = list(next(iter(panels[k] for k in keys)))
-    x = MARGIN
-    for j, method in enumerate(methods):
-        draw.text((x, PANEL_H * len(keys) + 4), method, fill=BAND_COLOURS[j % 5])
-        x += 8 + 7 * len(method)
+    _legend(draw, list(next(iter(panels[k] for k in keys))), PANEL_H * len(keys) + 4)
     image.save(out_png)
     return Path(out_png)
+
+
+def _legend(draw, methods: list, top: int) -> None:
+    """Method names in their line colours, left to right."""
+    x = MARGIN
+    for j, method in enumerate(methods):
+        draw.text((x, top), method, fill=BAND_COLOURS[j % 5])
+        x += 8 + 7 * len(method)
 
 
 def _band_panel(draw, top: int, key: str, series: dict) -> None:
@@ -163,10 +167,7 @@ def plot_xy(panels: dict, out_png, x_label: str) -> Path:
         draw.text((4, bottom - 10), f"{y_lo:.3g}", fill=(90, 90, 90))
         draw.text((left, bottom + 4), f"{x_label}: {x_lo:.3g}", fill=(90, 90, 90))
         draw.text((right - 60, bottom + 4), f"{x_hi:.3g}", fill=(90, 90, 90))
-    x = MARGIN
-    for j, method in enumerate(methods):
-        draw.text((x, PANEL_H * len(panels) + 4), method, fill=BAND_COLOURS[j % 5])
-        x += 8 + 7 * len(method)
+    _legend(draw, methods, PANEL_H * len(panels) + 4)
     image.save(out_png)
     return Path(out_png)
 

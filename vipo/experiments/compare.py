@@ -201,7 +201,9 @@ def tradeoff(bands: dict) -> dict:
 def grids(out: Path, seed: int) -> None:
     """grids.png: the held-out evaluation prompts before training (shared by all methods:
     same weights, same noise) and after each method, one labelled panel each."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
+
+    from ..logging_utils import save_labelled_pictures
 
     panels = []
     for i, method in enumerate(METHODS):
@@ -212,19 +214,8 @@ def grids(out: Path, seed: int) -> None:
         if i == 0:
             panels.append(("before training (all methods)", Image.open(files[0])))
         panels.append((f"after: {method} (seed {seed})", Image.open(files[-1])))
-    if not panels:
-        return
-    scale, label_h = 2, 16
-    width = max(p.width for _, p in panels) * scale
-    canvas = Image.new("RGB", (width, sum(p.height * scale + label_h for _, p in panels)),
-                       "white")
-    draw, top = ImageDraw.Draw(canvas), 0
-    for label, picture in panels:
-        draw.text((4, top + 2), label, fill=(0, 0, 0))
-        canvas.paste(picture.resize((picture.width * scale, picture.height * scale),
-                                    Image.NEAREST), (0, top + label_h))
-        top += picture.height * scale + label_h
-    canvas.save(out / "grids.png")
+    if panels:
+        save_labelled_pictures(panels, out / "grids.png")
 
 
 def main(argv=None) -> int:

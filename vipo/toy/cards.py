@@ -24,7 +24,10 @@ ABOUT = {
         "PSM backbone for the toy world: a transformers `Dinov2Model` (4 layers, width 64, "
         "patch 4: an 8 x 8 patch grid on 32 px), trained on the world's renders to classify "
         "the attributes from the CLS token and each patch's object coverage from its "
-        "last-layer token (the features the PSM reads); the heads are discarded.",
+        "last-layer token (the features the PSM reads); the heads are discarded. Read its "
+        "map IoU beside the random-weight figure below: on this world's flat-coloured "
+        "images the PCA map of an untrained backbone of the same architecture already "
+        "covers the object about as well, near the ceiling a perfect map reaches.",
         "from vipo.psm import PerceptualStructuringModule\n"
         "psm = PerceptualStructuringModule.from_pretrained(\"{folder}\")\n"
         "maps = psm(images, latent_size=(16, 16))   # images (B, 3, 32, 32) in [0, 1]"),
@@ -56,9 +59,12 @@ def write_card(name: str, root: Path = models.ASSETS) -> Path:
     if name == "generator":
         lines += ["", "VAE (trained first):"] + _training_lines(
             _read(folder / "vae" / "training.json"))
-    lines += ["", f"Regenerate: `python -m vipo.toy.pretrain {name if name != 'generator' else 'vae'}`"
-              + ("; then `python -m vipo.toy.pretrain generator`" if name == "generator" else "")
-              + f"; measure: `python -m vipo.toy.measure {name}`.", "", "## Measured figures", "",
+    regenerate = f"`python -m vipo.toy.pretrain {name}`"
+    if name == "generator":
+        regenerate += " (the VAE first, then the transformer on its latents)"
+    lines += ["", f"Regenerate: {regenerate}; `--steps N` repeats a step count above instead "
+              f"of the time budget; measure: `python -m vipo.toy.measure {name}`.", "",
+              "## Measured figures", "",
               "Held-out combinations only (never trained on); `figures.json` holds the values.",
               ""]
     figures = _read(folder / "figures.json")

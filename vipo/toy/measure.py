@@ -1,4 +1,4 @@
-"""``python -m vipo.toy.measure [vae|evaluator|backbone|generator|all]``: the cards' figures.
+"""``python -m vipo.toy.measure {vae,evaluator,backbone,generator,all}``: the cards' figures.
 
 Every figure is measured on held-out combinations (never trained on) and written to the
 asset's ``figures.json``; ``vipo.toy.cards`` turns those and ``training.json`` into
@@ -62,15 +62,40 @@ def psm(folder=None):
 def measure_backbone(folder=None, samples: torch.Tensor | None = None) -> dict:
     """Mean IoU of the top 30% of the PSM map with the object mask: on held-out renders, and
     (when given) on generator samples of the same held-out prompts, with the renderer's mask
-    of the prompt's spec as an approximate mask."""
+    of the prompt's spec as an approximate mask. For scale: the ceiling (a map that is the
+    mask itself) and the same architecture with random weights."""
     specs, images, masks = heldout_renders()
-    module = psm(folder)
+    out = _map_ious(psm(folder), images, masks, samples)
+    area = masks.flatten(1).float().mean(1)
+    out["ceiling_perfect_map"] = round(float((torch.minimum(area, torch.tensor(0.3)) /
+                                               torch.maximum(area, torch.tensor(0.3))).mean()), 4)
+    out["random_init_backbone"] = _map_ious(_random_backbone_psm(), images, masks, samples)
+    return out
+
+
+def _map_ious(module, images, masks, samples) -> dict:
     latent = (models.IMAGE_SIZE // 2,) * 2
     out = {"map_iou_renders": round(float(map_top_iou(module(images, latent), masks).mean()), 4)}
     if samples is not None:
         out["map_iou_generator_samples"] = round(float(
             map_top_iou(module(samples, latent), masks).mean()), 4)
     return out
+
+
+def _random_backbone_psm():
+    """The backbone's architecture and preprocessing with its seed-0 initial weights."""
+    import tempfile
+
+    from ..psm import PerceptualStructuringModule
+    from ..psm.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    from transformers import BitImageProcessor
+
+    with tempfile.TemporaryDirectory() as folder:
+        models.backbone_model(0).save_pretrained(folder)
+        BitImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                          do_center_crop=False, do_resize=False).save_pretrained(folder)
+        return PerceptualStructuringModule.from_pretrained(folder)
 
 
 TEST_BATCH = 48  # the fixed held-out batch the tests re-measure (evenly spread prompts)
@@ -129,31 +154,40 @@ def measure_generator(folder, evaluator: ToyEvaluator) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vipo.toy.measure")
-    parser.add_argument("what", choices=["vae", "evaluator", "backbone", "generator"])
+    parser.add_argument("what", choices=list(MEASURES) + ["all"])
     parser.add_argument("--root", type=Path, default=models.ASSETS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    for what in MEASURES if args.what == "all" else [args.what]:
+        measure(what, args.root)
+
+
+def measure(what: str, root: Path) -> None:
+    """Measures one model's figures and writes them into its card."""
     start = time.perf_counter()
-    evaluator = ToyEvaluator(args.root / "evaluator")
-    if args.what == "vae":
+    evaluator = ToyEvaluator(root / "evaluator")
+    if what == "vae":
         name, section = "generator", "VAE ceiling: evaluator on held-out renders through the VAE"
-        result = measure_vae(args.root / "generator" / "vae", evaluator)
-    elif args.what == "evaluator":
+        result = measure_vae(root / "generator" / "vae", evaluator)
+    elif what == "evaluator":
         name, section = "evaluator", "held-out renders (196)"
         result = measure_evaluator(evaluator)
-    elif args.what == "backbone":
+    elif what == "backbone":
         name, section = "backbone", "PSM map, top-30% IoU with the object mask"
-        result = measure_backbone(args.root / "backbone", preset_samples(
-            args.root / "generator", world.heldout_specs()))
+        result = measure_backbone(root / "backbone", preset_samples(
+            root / "generator", world.heldout_specs()))
     else:
         name = "generator"
-        result = measure_generator(args.root / "generator", evaluator)
+        result = measure_generator(root / "generator", evaluator)
         for section, values in result.items():
-            update_figures(name, section, values, args.root)
+            update_figures(name, section, values, root)
         print(json.dumps(result), f"({time.perf_counter() - start:.1f} s)")
         return
     print(json.dumps(result), f"({time.perf_counter() - start:.1f} s)")
-    update_figures(name, section, result, args.root)
+    update_figures(name, section, result, root)
+
+
+MEASURES = ("evaluator", "vae", "generator", "backbone")
 
 
 if __name__ == "__main__":

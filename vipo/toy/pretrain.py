@@ -1,10 +1,11 @@
-"""``python -m vipo.toy.pretrain {evaluator,backbone,vae,generator} [--minutes M] [--seed S]``
+"""``python -m vipo.toy.pretrain {evaluator,backbone,vae,generator,all} [--minutes M | --steps N]``
 
 Regenerates the shipped toy models in ``vipo/toy/assets`` (or ``--out``), each within a
-wall-clock budget, with a progress bar, a ``train_log.csv`` and ``loss.png`` beside the
-weights. Order matters: ``vae`` before ``generator`` (the generator trains on the VAE's
-latents), and ``python -m vipo.toy.measure`` afterwards writes the measured figures into the
-cards. All training is fp32 on the CPU; the data are renders of the training split only.
+wall-clock budget (or an exact step count: a card's ``steps`` reproduces its run), with a
+progress bar, a ``train_log.csv`` and ``loss.png`` beside the weights. ``generator`` trains
+the VAE first (its latents are the generator's data) unless ``--reuse-vae``; ``all`` trains
+every model and then measures them (``python -m vipo.toy.measure all``), which writes the
+figures into the cards. All training is fp32 on the CPU, on renders of the training split.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,13 +57,20 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-class BudgetLoop:
-    """Steps until ``minutes`` of wall time are spent: tqdm bar, CSV log, loss curve."""
+@dataclass(frozen=True)
+class Limit:
+    """How long a model trains: ``steps`` if given, else ``minutes`` of wall time."""
+    minutes: float
+    steps: int | None = None
 
-    def __init__(self, out: Path, minutes: float, desc: str):
+
+class BudgetLoop:
+    """Steps until the limit is reached: tqdm bar, CSV log, loss curve."""
+
+    def __init__(self, out: Path, limit: Limit, desc: str):
         from tqdm.auto import tqdm
 
-        self.out, self.budget, self.start = out, minutes * 60.0, time.perf_counter()
+        self.out, self.limit, self.start = out, limit, time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         self.log = (out / "train_log.csv").open("w", newline="")
         self.writer = csv.writer(self.log)
@@ -70,11 +79,14 @@ class BudgetLoop:
         self.step = 0
 
     def running(self) -> bool:
-        return time.perf_counter() - self.start < self.budget
+        if self.limit.steps is not None:
+            return self.step < self.limit.steps
+        return self.seconds < self.limit.minutes * 60.0
 
     def record(self, loss: float) -> None:
         self.step += 1
         self.bar.update(1)
+        self.last = loss
         if self.step % 10 == 0:
             self.writer.writerow([self.step, f"{loss:.6f}", f"{self.seconds:.1f}"])
             self.bar.set_postfix(loss=f"{loss:.4f}")
@@ -87,8 +99,11 @@ class BudgetLoop:
         from ..plots import plot_curves
 
         self.bar.close()
+        if self.step % 10:  # the last step, when the every-10 log missed it
+            self.writer.writerow([self.step, f"{self.last:.6f}", f"{self.seconds:.1f}"])
         self.log.close()
-        plot_curves(self.out / "train_log.csv", self.out / "loss.png", keys=("loss",))
+        if self.step:
+            plot_curves(self.out / "train_log.csv", self.out / "loss.png", keys=("loss",))
         return {"steps": self.step, "seconds": round(self.seconds, 1)}
 
 
@@ -125,14 +140,14 @@ def evaluator_loss(model, images, labels, cells) -> torch.Tensor:
     return loss + F.binary_cross_entropy_with_logits(mask_logits, cells.float())
 
 
-def train_evaluator(out: Path, minutes: float, seed: int) -> None:
+def train_evaluator(out: Path, limit: Limit, seed: int) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, masks, specs = training_renders()
     labels, cells = label_tensor(specs), models.mask_cells(masks)
     model = models.evaluator_model(seed).train()
     opt = _adamw(model.parameters(), 2e-3)
-    loop = BudgetLoop(out, minutes, "evaluator")
+    loop = BudgetLoop(out, limit, "evaluator")
     while loop.running():
         idx = torch.randint(len(specs), (128,), generator=gen)
         for g in opt.param_groups:
@@ -167,7 +182,7 @@ def backbone_loss(model, heads, images, labels, patch_cover) -> torch.Tensor:
     return loss + 4.0 * F.binary_cross_entropy_with_logits(cover, patch_cover)
 
 
-def train_backbone(out: Path, minutes: float, seed: int) -> None:
+def train_backbone(out: Path, limit: Limit, seed: int) -> None:
     from transformers import BitImageProcessor
 
     from ..psm.backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -182,7 +197,7 @@ def train_backbone(out: Path, minutes: float, seed: int) -> None:
     heads = torch.nn.ModuleDict({"cls": torch.nn.Linear(64, models.N_ATTRIBUTE_LOGITS),
                                  "patch": torch.nn.Linear(64, 1)})
     opt = _adamw(list(model.parameters()) + list(heads.parameters()), 1e-3)
-    loop = BudgetLoop(out, minutes, "backbone")
+    loop = BudgetLoop(out, limit, "backbone")
     while loop.running():
         idx = torch.randint(len(specs), (64,), generator=gen)
         for g in opt.param_groups:
@@ -203,7 +218,7 @@ def train_backbone(out: Path, minutes: float, seed: int) -> None:
 
 
 # ---- VAE ------------------------------------------------------------------------------------
-def train_vae(out: Path, minutes: float, seed: int) -> None:
+def train_vae(out: Path, limit: Limit, seed: int) -> None:
     """MSE + 1e-6 KL on [-1, 1] pixels; then the latent statistics become the config's
     scaling_factor / shift_factor (SD3's convention: z = (latent - shift) * scale)."""
     torch.manual_seed(seed)
@@ -211,7 +226,7 @@ def train_vae(out: Path, minutes: float, seed: int) -> None:
     images = training_renders()[0] * 2 - 1
     vae = models.autoencoder().train()
     opt = _adamw(vae.parameters(), 1e-3)
-    loop = BudgetLoop(out, minutes, "vae")
+    loop = BudgetLoop(out, limit, "vae")
     while loop.running():
         x = images[torch.randint(len(images), (32,), generator=gen)]
         for g in opt.param_groups:
@@ -268,7 +283,7 @@ def flow_matching_loss(model, data, idx, gen, shift: float = 3.0) -> torch.Tenso
     return F.mse_loss(v, eps - x0)
 
 
-def train_generator(out: Path, minutes: float, seed: int, vae_folder: Path) -> None:
+def train_generator(out: Path, limit: Limit, seed: int, vae_folder: Path) -> None:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
@@ -283,7 +298,7 @@ def train_generator(out: Path, minutes: float, seed: int, vae_folder: Path) -> N
     model.set_attn_processor(RepeatedContextJointAttnProcessor())
     ema = EMAModel(model.parameters(), decay=0.995, use_ema_warmup=True)
     opt = _adamw(model.parameters(), 7e-4)
-    loop = BudgetLoop(out / "transformer_training", minutes, "generator")
+    loop = BudgetLoop(out / "transformer_training", limit, "generator")
     n = len(data["latents"])
     while loop.running():
         idx = torch.randint(n, (64,), generator=gen)
@@ -307,40 +322,63 @@ def train_generator(out: Path, minutes: float, seed: int, vae_folder: Path) -> N
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-DEFAULT_MINUTES = {"evaluator": 3.0, "backbone": 4.0, "vae": 5.0, "generator": 20.0}
+DEFAULT_MINUTES = {"evaluator": 2.5, "backbone": 4.0, "vae": 6.0, "generator": 20.0}
+TRAINERS = {"evaluator": train_evaluator, "backbone": train_backbone, "vae": train_vae}
+
+
+def generator(root: Path, limit: Limit, seed: int, reuse_vae: bool, vae_limit: Limit) -> None:
+    """VAE (unless reused), then the transformer on its latents; the pipeline folder is
+    rewritten as a whole, so the VAE is staged outside it meanwhile."""
+    vae = root / "vae"
+    if not reuse_vae:
+        train_vae(vae, vae_limit, seed)
+    elif not (vae / "config.json").is_file():
+        raise SystemExit(f"vipo.toy.pretrain generator: --reuse-vae, but there is no VAE at "
+                         f"{vae}; drop --reuse-vae to train one")
+    staged = root.parent / (root.name + ".vae-staged")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(vae, staged)
+    train_generator(root, limit, seed, staged)
+    shutil.rmtree(staged)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vipo.toy.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=list(DEFAULT_MINUTES))
+    parser.add_argument("model", choices=list(DEFAULT_MINUTES) + ["all"])
     parser.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock budget (default: evaluator 3, backbone 4, vae 5, "
-                             "generator 20)")
+                        help="wall-clock budget per model (default: evaluator 2.5, backbone 4, "
+                             "vae 6, generator 20)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps instead (one model only)")
+    parser.add_argument("--reuse-vae", action="store_true",
+                        help="generator: keep the existing VAE instead of training one first")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: the shipped vipo/toy/assets/<model>)")
+    parser.add_argument("--root", type=Path, default=models.ASSETS,
+                        help="assets folder (default: the shipped vipo/toy/assets)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.steps is not None and args.model == "all":
+        parser.error("--steps applies to one model, not to all")
     torch.set_num_threads(args.threads)
-    minutes = args.minutes if args.minutes is not None else DEFAULT_MINUTES[args.model]
-    default = models.ASSETS / ("generator" if args.model in ("vae", "generator") else args.model)
-    out = args.out or default
-    if args.model == "vae":
-        out = (args.out or default) / "vae"
-    if args.model == "generator":
-        vae = out / "vae"
-        if not (vae / "config.json").is_file():
-            raise SystemExit(f"vipo.toy.pretrain generator: no trained VAE at {vae}; run "
-                             f"`python -m vipo.toy.pretrain vae` first")
-        staged = out.parent / (out.name + ".vae-staged")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(vae, staged)
-        train_generator(out, minutes, args.seed, staged)
-        shutil.rmtree(staged)
-        return
-    {"evaluator": train_evaluator, "backbone": train_backbone, "vae": train_vae}[args.model](
-        out, minutes, args.seed)
+
+    def limit(name):
+        return Limit(args.minutes if args.minutes is not None else DEFAULT_MINUTES[name],
+                     args.steps if name == args.model else None)
+
+    names = ["evaluator", "generator", "backbone"] if args.model == "all" else [args.model]
+    for name in names:
+        if name == "generator":
+            generator(args.root / "generator", limit("generator"), args.seed, args.reuse_vae,
+                      limit("vae"))
+        elif name == "vae":
+            train_vae(args.root / "generator" / "vae", limit("vae"), args.seed)
+        else:
+            TRAINERS[name](args.root / name, limit(name), args.seed)
+    if args.model == "all":
+        from .measure import main as measure
+
+        measure(["all", "--root", str(args.root)])
 
 
 if __name__ == "__main__":
