@@ -269,12 +269,13 @@ def _kernel_loss_eager(impl, model_output, sample, next_sample, old_log_prob, ad
     v3 = _bcp(model_output)
     grad = (_grad_buffer(model_output, v3, inplace)
             if model_output.requires_grad and torch.is_grad_enabled() else None)
-    args = (v3, _bcp(sample.detach()), _bcp(next_sample.detach()),
-            _bp(old_log_prob.detach()) if ratio_level == "position"
-            else old_log_prob.detach().float(),
-            adv.detach().float().contiguous(), weights,
-            _bp(allocation_map.detach()) if allocation_map is not None else None, cs, co, sd,
-            _bcp(ref.detach()) if ref is not None else None, grad)
+    # Only v3 gets a gradient (the kernels read the others' memory; the autograd wrappers
+    # return no gradient for them), so nothing here needs detaching.
+    args = (v3, _bcp(sample), _bcp(next_sample),
+            _bp(old_log_prob) if ratio_level == "position" else old_log_prob.float(),
+            adv.float().contiguous(), weights,
+            _bp(allocation_map) if allocation_map is not None else None, cs, co, sd,
+            _bcp(ref) if ref is not None else None, grad)
     if ratio_level == "position":
         return impl.loss_position(*args, **options)  # differentiable in v3
     with torch.no_grad():
