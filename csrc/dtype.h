@@ -6,6 +6,4 @@ namespace vipo {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-constexpr int kNumStats = 8;  // columns of the loss partials, see cpu/vipo_cpu.h
-
 }  // namespace vipo

@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include "cpu/vipo_cpu.h"
+#include "partials.h"
 
 namespace vipo {
 
@@ -97,24 +98,66 @@ inline void check_log_prob(const StepArgs& a, const at::Tensor& logp_out, int64_
   num_position_blocks(a.v, block_p);
 }
 
+// (B, K) advantages and their (K,) weights, contiguous fp32 on v's device.
+inline void check_advantages(const at::Tensor& adv, const at::Tensor& weights, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(adv.dim() == 2 && adv.size(0) == v.size(0) && adv.size(1) >= 1, "adv must have shape (",
+              v.size(0), ", K), got ", adv.sizes());
+  check_per_position(adv, v, adv.size(1), "adv");
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == adv.size(1), "weights must have shape (",
+              adv.size(1), ",), got ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "weights must be a contiguous float32 tensor, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == v.device(), "weights is on ", weights.device(),
+              " but v is on ", v.device());
+}
+
+// A contiguous fp32 output of the given shape on v's device.
+inline void check_output(const at::Tensor& out, c10::IntArrayRef shape, const at::Tensor& v,
+                         const char* name) {
+  TORCH_CHECK_VALUE(out.sizes() == shape && out.scalar_type() == at::kFloat && out.is_contiguous(),
+              name, " must be a contiguous float32 tensor of shape ", shape, ", got ", out.sizes(),
+              " ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == v.device(), name, " is on ", out.device(), " but v is on ",
+              v.device());
+}
+
 inline void check_loss_position(const StepArgs& a, const at::Tensor& old, const at::Tensor& adv,
-                                const c10::optional<at::Tensor>& amap,
+                                const at::Tensor& weights, const c10::optional<at::Tensor>& amap,
                                 const c10::optional<at::Tensor>& ref,
                                 const c10::optional<at::Tensor>& grad,
                                 const at::Tensor& partials_out, int64_t block_p) {
   check_step_inputs(a);
   check_per_position(old, a.v, a.v.size(2), "old");
-  check_per_sample(adv, a.v, "adv");
+  check_advantages(adv, weights, a.v);
   if (amap.has_value()) check_per_position(*amap, a.v, a.v.size(2), "amap");
   if (ref.has_value()) check_latent(*ref, a.v, "ref");
   check_grad(grad, a.v);
-  const int64_t k = num_position_blocks(a.v, block_p);
-  TORCH_CHECK_VALUE(partials_out.sizes() == c10::IntArrayRef({a.v.size(0), k, int64_t{kNumStats}}) &&
-                  partials_out.scalar_type() == at::kFloat && partials_out.is_contiguous(),
-              "partials_out must be a contiguous float32 tensor of shape (", a.v.size(0), ", ",
-              k, ", 8), got ", partials_out.sizes(), " ", partials_out.scalar_type());
-  TORCH_CHECK_VALUE(partials_out.device() == a.v.device(), "partials_out is on ",
-              partials_out.device(), " but v is on ", a.v.device());
+  const int64_t blocks = num_position_blocks(a.v, block_p);
+  check_output(partials_out, {a.v.size(0), blocks, int64_t{partial::kCount}}, a.v, "partials_out");
+}
+
+// partials (B, n_blocks, partial::kCount) -> stats_out (stat::kCount + K,).
+inline void check_reduce_partials(const at::Tensor& partials, const at::Tensor& adv,
+                                  const at::Tensor& weights, const at::Tensor& std,
+                                  const at::Tensor& stats_out, int64_t positions) {
+  TORCH_CHECK_VALUE(partials.dim() == 3 && partials.size(2) == partial::kCount &&
+                        partials.scalar_type() == at::kFloat && partials.is_contiguous(),
+                    "partials must be a contiguous float32 tensor of shape (B, n_blocks, ",
+                    int64_t{partial::kCount}, "), got ", partials.sizes(), " ", partials.scalar_type());
+  check_advantages(adv, weights, partials);
+  check_per_sample(std, partials, "std");
+  TORCH_CHECK_VALUE(positions >= 1, "positions must be >= 1, got ", positions);
+  check_output(stats_out, {stat::kCount + adv.size(1)}, partials, "stats_out");
+}
+
+// The upstream gradient of the loss: one fp32 value on grad's device.
+inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& dloss) {
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous");
+  latent_dtype(grad, "grad");
+  TORCH_CHECK_VALUE(dloss.numel() == 1 && dloss.scalar_type() == at::kFloat,
+              "dloss must hold one float32 value, got ", dloss.sizes(), " ", dloss.scalar_type());
+  TORCH_CHECK_VALUE(dloss.device() == grad.device(), "dloss is on ", dloss.device(),
+              " but grad is on ", grad.device());
 }
 
 inline void check_grad_sample(const StepArgs& a, const at::Tensor& dlogp,

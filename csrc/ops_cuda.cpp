@@ -73,24 +73,26 @@ void log_prob_cuda(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x
 }
 
 void loss_position_cuda(const at::Tensor& v, const at::Tensor& z, const at::Tensor& x,
-                        const at::Tensor& old, const at::Tensor& adv,
+                        const at::Tensor& old, const at::Tensor& adv, const at::Tensor& weights,
                         const c10::optional<at::Tensor>& amap, const at::Tensor& cs,
                         const at::Tensor& co, const at::Tensor& std,
                         const c10::optional<at::Tensor>& ref,
                         const c10::optional<at::Tensor>& grad, at::Tensor& partials_out,
-                        double clip_range, double kl_coef, double grad_scale, int64_t block_p) {
-  check_loss_position({v, z, x, cs, co, std}, old, adv, amap, ref, grad, partials_out, block_p);
+                        double clip_range, double adv_clip, double kl_coef, int64_t block_p) {
+  check_loss_position({v, z, x, cs, co, std}, old, adv, weights, amap, ref, grad, partials_out,
+                      block_p);
   check_cuda_dtypes(v, z, x, ref, block_p);
   const c10::cuda::CUDAGuard guard(v.device());
+  const CudaAdvantages advantages{adv.data_ptr<float>(), weights.data_ptr<float>(), adv.size(1),
+                                  static_cast<float>(adv_clip)};
   check_launch(
       launch_loss_position(partials_out.data_ptr<float>(),
                            grad.has_value() ? grad->data_ptr() : nullptr, latent(v), latent(z),
                            latent(x), optional_latent(ref), old.data_ptr<float>(),
-                           amap.has_value() ? amap->data_ptr<float>() : nullptr,
-                           adv.data_ptr<float>(), latent_dtype(v, "v"), latent_dtype(z, "z"),
+                           amap.has_value() ? amap->data_ptr<float>() : nullptr, advantages,
+                           latent_dtype(v, "v"), latent_dtype(z, "z"),
                            step_args(v, cs, co, std, block_p), clip_range,
-                           static_cast<float>(kl_coef), static_cast<float>(grad_scale),
-                           c10::cuda::getCurrentCUDAStream().stream()),
+                           static_cast<float>(kl_coef), c10::cuda::getCurrentCUDAStream().stream()),
       "loss_position");
 }
 
@@ -98,7 +100,7 @@ void grad_sample_cuda(const at::Tensor& v, const at::Tensor& z, const at::Tensor
                       const at::Tensor& dlogp, const at::Tensor& cs, const at::Tensor& co,
                       const at::Tensor& std, const c10::optional<at::Tensor>& ref,
                       const c10::optional<at::Tensor>& grad, at::Tensor& kl_out,
-                      double kl_coef, double grad_scale, int64_t block_p) {
+                      double kl_coef, int64_t block_p) {
   check_grad_sample({v, z, x, cs, co, std}, dlogp, ref, grad, kl_out, block_p);
   check_cuda_dtypes(v, z, x, ref, block_p);
   const c10::cuda::CUDAGuard guard(v.device());
@@ -107,9 +109,18 @@ void grad_sample_cuda(const at::Tensor& v, const at::Tensor& z, const at::Tensor
                                   latent(z), latent(x), optional_latent(ref),
                                   dlogp.data_ptr<float>(), latent_dtype(v, "v"),
                                   latent_dtype(z, "z"), step_args(v, cs, co, std, block_p),
-                                  static_cast<float>(kl_coef), static_cast<float>(grad_scale),
+                                  static_cast<float>(kl_coef),
                                   c10::cuda::getCurrentCUDAStream().stream()),
                "grad_sample");
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& dloss) {
+  check_scale_grad(grad, dloss);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  check_launch(launch_scale_grad(grad.data_ptr(), latent_dtype(grad, "grad"), grad.numel(),
+                                 dloss.data_ptr<float>(),
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+               "scale_grad");
 }
 
 }  // namespace
@@ -119,6 +130,7 @@ TORCH_LIBRARY_IMPL(vipo, CUDA, m) {
   m.impl("log_prob", &log_prob_cuda);
   m.impl("loss_position", &loss_position_cuda);
   m.impl("grad_sample", &grad_sample_cuda);
+  m.impl("scale_grad", &scale_grad_cuda);
 }
 
 }  // namespace vipo

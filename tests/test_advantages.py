@@ -1,11 +1,12 @@
-"""Group advantages (METHOD.md 5) and map normalisation (METHOD.md 6)."""
+"""Group advantages (METHOD.md 5), and the dense advantage A x M of every map_norm
+(METHOD.md 4 and 6) as the loss sees it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vipo.advantages import group_advantages, normalise_maps
+from vipo.advantages import group_advantages
 
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])
 
@@ -67,16 +68,35 @@ def test_groups_need_two_samples():
         group_advantages(torch.rand(3, 1), torch.tensor([0, 0, 1]), [1.0])
 
 
-def test_map_norms():
-    maps = torch.rand(3, 4, 5)
-    maps[2] = 0.0
-    same, scale = normalise_maps(maps, "minmax")
-    assert same is maps and torch.equal(scale, torch.ones(3))
-    floored, _ = normalise_maps(maps, "floor", 0.25)
-    torch.testing.assert_close(floored, 0.25 + 0.75 * maps)
-    unit, scale = normalise_maps(maps, "mean_one")
-    assert float(unit.max()) <= 1 and float(unit.min()) >= 0  # the kernel's domain
-    # A * M is unchanged: (M / max) * (max / mean) = M / mean, whose mean is 1.
-    dense = unit * scale.view(3, 1, 1)
-    torch.testing.assert_close(dense[:2].mean(dim=(1, 2)), torch.ones(2))
-    torch.testing.assert_close(dense[2], torch.ones(4, 5))  # an empty map counts as uniform
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("map_norm", ["minmax", "mean_one", "floor"])
+def test_dense_advantage_of_each_map_norm(backend, map_norm):
+    """The map from the PSM with map_norm applied, and the raw advantage, go to the loss as
+    they are; the loss's A x M is then clip(A, +-adv_clip) times METHOD.md 6's M: M,
+    M / mean_p M or alpha + (1 - alpha) M, written out here from the min-max map. Checked
+    against the reference fed that dense advantage directly (A = 1, map = A x M)."""
+    from vipo_kernels import backends, vipo_loss
+    from vipo_kernels.reference import vipo_loss_reference
+    from vipo.psm import allocation_maps_from_features
+
+    from .utils import make_loss_case
+
+    if backend != "torch" and not backends.available(backend):
+        pytest.skip(f"backend {backend!r} not built")
+    case = make_loss_case((3, 4, 6, 5), clip_range=1e-2)
+    features = torch.randn(3, 16, 8)
+    floor = 0.25 if map_norm == "floor" else None
+    maps = allocation_maps_from_features(features, (4, 4), (6, 5), normalize=map_norm,
+                                         floor=floor)
+    raw = allocation_maps_from_features(features, (4, 4), (6, 5))
+    written = {"minmax": raw, "mean_one": raw / raw.mean(dim=(1, 2), keepdim=True),
+               "floor": 0.25 + 0.75 * raw}[map_norm]
+    torch.testing.assert_close(maps, written)
+    dense = case.advantages.clamp(-5.0, 5.0)[:, None, None] * written
+    assert case.advantages.abs().max() > 5.0  # the loss's own clip bites
+    loss, _ = vipo_loss(*case.args()[:5], maps, **case.kwargs, backend=backend)
+    kwargs = {k: (a.double() if torch.is_tensor(a) else a) for k, a in case.kwargs.items()}
+    expected, _ = vipo_loss_reference(*(a.double() for a in case.args()[:4]),
+                                      torch.ones(3, dtype=torch.float64), dense.double(),
+                                      **dict(kwargs, adv_clip=1e9))
+    assert abs(loss.item() - expected.item()) <= 1e-5 * dense.abs().mean().item()

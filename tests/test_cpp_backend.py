@@ -19,6 +19,8 @@ from vipo_kernels import backends, log_prob, sde_step, vipo_loss
 from vipo_kernels.reference import log_prob_reference, sde_step_reference
 
 from .test_kernels import VIDEO, _step_inputs, check_loss_case, run_loss
+from vipo_kernels.partials import N_COLUMNS, N_STATS
+
 from .utils import assert_matches, make_loss_case, oracle, rel_err
 
 pytestmark = pytest.mark.skipif(not backends.available("cpp"),
@@ -28,15 +30,15 @@ IMAGE = (3, 5, 7, 9)
 
 @pytest.fixture
 def cpp():
-    from vipo_kernels import cpp_backend
+    from vipo_kernels import compiled_backend
 
-    return cpp_backend
+    return compiled_backend.load("cpu")
 
 
 @pytest.fixture
 def small_blocks(monkeypatch, cpp):
     """Tasks of 16 positions (5 for P < 16): many blocks per sample, a ragged last one."""
-    monkeypatch.setattr(cpp, "block_positions", lambda B, C, P: 16 if P >= 16 else 5)
+    monkeypatch.setattr(cpp, "block_positions", lambda B, C, P, device=None: 16 if P >= 16 else 5)
 
 
 def _bcp(x):
@@ -52,10 +54,12 @@ def _bcp(x):
 @pytest.mark.parametrize("with_map,kl_coef", [(True, 0.0), (False, 0.0), (True, 0.5),
                                               (False, 0.5)],
                          ids=["map", "nomap", "map-kl", "nomap-kl"])
-def test_loss_fp32_many_blocks(small_blocks, shape, ratio_level, with_map, kl_coef):
+@pytest.mark.parametrize("rewards", [None, 3], ids=["1-reward", "3-rewards"])
+def test_loss_fp32_many_blocks(small_blocks, shape, ratio_level, with_map, kl_coef, rewards):
     """Clip regimes below/inside/above, both advantage signs (one beyond adv_clip) and a
     map with zeros come from make_loss_case; fp32 relative error under 1e-5."""
-    case = make_loss_case(shape, ratio_level=ratio_level, with_map=with_map, kl_coef=kl_coef)
+    case = make_loss_case(shape, ratio_level=ratio_level, with_map=with_map, kl_coef=kl_coef,
+                          rewards=rewards)
     stats = check_loss_case(case, "cpp", torch.float32)
     if ratio_level == "position" and shape == IMAGE:
         assert 0 < stats["clip_frac_low"] < 1 and 0 < stats["clip_frac_high"] < 1
@@ -125,17 +129,18 @@ def test_outputs_poisoned_by_caller(cpp):
     B, C, P = v.shape
     cs, co, sd = (case.kwargs[k] for k in ("coef_sample", "coef_output", "std"))
     old, amap = case.old_log_prob.reshape(B, P), case.allocation_map.reshape(B, P).float()
-    adv = case.advantages.float().clamp(-5, 5)
+    adv = case.advantages.float().reshape(B, 1)
     bp = cpp.block_positions(B, C, P)
     k = -(-P // bp)
     nan = float("nan")
-    grad, partials = torch.full_like(v, nan), torch.full((B, k, 8), nan)
-    cpp.loss_position(v, z, x, old, adv, amap, cs, co, sd, ref, grad, clip_range=1e-2,
-                      kl_coef=0.5, grad_scale=1.0 / (B * P), partials_out=partials)
+    grad, partials = torch.full_like(v, nan), torch.full((B, k, N_COLUMNS), nan)
+    _, stats = cpp.loss_position(v, z, x, old, adv, torch.ones(1), amap, cs, co, sd, ref, grad,
+                              clip_range=1e-2, adv_clip=5.0, kl_coef=0.5, partials_out=partials)
     assert torch.isfinite(grad).all() and torch.isfinite(partials).all()
+    assert torch.isfinite(stats).all()
     kl = torch.full((B, k), nan)
-    cpp.grad_sample(v, z, x, adv, cs, co, sd, ref, grad.fill_(nan), kl_coef=0.5,
-                    grad_scale=1.0 / (B * P), kl_out=kl)
+    cpp.grad_sample(v, z, x, adv[:, 0], cs, co, sd, ref, grad.fill_(nan), kl_coef=0.5,
+                    kl_out=kl)
     assert torch.isfinite(grad).all() and torch.isfinite(kl).all()
     nxt, logp = torch.full_like(z, nan), torch.full((B, P), nan)
     cpp.step(v, z, x, cs, co, sd, next_out=nxt, logp_out=logp)
@@ -177,7 +182,7 @@ def test_result_independent_of_thread_count(cpp):
             torch.manual_seed(1)
             (v, z, noise), coefs = _step_inputs((4, 16, 24, 40), torch.bfloat16)
             nxt, logp = sde_step(v, z, noise, **coefs, backend="cpp")
-            results.append((loss, torch.stack(list(stats.values())), grad, nxt, logp))
+            results.append((loss, torch.cat([s.reshape(-1) for s in stats.values()]), grad, nxt, logp))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -192,7 +197,8 @@ def _op_args(cpp):
     v, z, x = (_bcp(t) for t in case.args()[:3])
     B, C, P = v.shape
     args = dict(v=v, z=z, x=x, old=case.old_log_prob.reshape(B, P),
-                adv=case.advantages.float(), amap=case.allocation_map.reshape(B, P).float(),
+                adv=case.advantages.float().reshape(B, 1), weights=torch.ones(1),
+                amap=case.allocation_map.reshape(B, P).float(),
                 cs=case.kwargs["coef_sample"], co=case.kwargs["coef_output"],
                 std=case.kwargs["std"], ref=_bcp(case.kwargs["ref_model_output"]),
                 grad=torch.empty_like(v))
@@ -211,6 +217,9 @@ BAD_OP_ARGS = {
     "amap dtype": (ValueError, "amap must be a contiguous float32",
                    lambda a: a.update(amap=a["amap"].double())),
     "adv shape": (ValueError, "adv must have shape", lambda a: a.update(adv=a["adv"][:1])),
+    "adv rank": (ValueError, "adv must have shape", lambda a: a.update(adv=a["adv"][:, 0])),
+    "weights shape": (ValueError, "weights must have shape",
+                      lambda a: a.update(weights=torch.ones(2))),
     "std dtype": (ValueError, "std must be a contiguous float32",
                   lambda a: a.update(std=a["std"].double())),
     "grad dtype": (ValueError, "grad must have v's dtype",
@@ -229,18 +238,24 @@ def test_op_argument_errors(cpp, name):
     args = _op_args(cpp)
     change(args)
     with pytest.raises(error, match=message):
-        cpp.loss_position(**args, clip_range=1e-2, kl_coef=0.5, grad_scale=0.01)
+        cpp.loss_position(**args, clip_range=1e-2, adv_clip=5.0, kl_coef=0.5)
 
 
 def test_op_output_errors(cpp):
     a = _op_args(cpp)
     B, C, P = a["v"].shape
     with pytest.raises(ValueError, match="partials_out must be a contiguous float32 tensor"):
-        cpp.loss_position(**a, clip_range=1e-2, kl_coef=0.5, grad_scale=0.01,
-                          partials_out=torch.empty(B, 99, 8))
+        cpp.loss_position(**a, clip_range=1e-2, adv_clip=5.0, kl_coef=0.5,
+                          partials_out=torch.empty(B, 99, N_COLUMNS))
     with pytest.raises(ValueError, match="kl_out must have shape"):
-        cpp.grad_sample(a["v"], a["z"], a["x"], a["adv"], a["cs"], a["co"], a["std"], a["ref"],
-                        None, kl_coef=0.5, grad_scale=0.01, kl_out=torch.empty(B, 99))
+        cpp.grad_sample(a["v"], a["z"], a["x"], a["std"], a["cs"], a["co"], a["std"], a["ref"],
+                        None, kl_coef=0.5, kl_out=torch.empty(B, 99))
+    partials = torch.zeros(B, 1, N_COLUMNS)
+    with pytest.raises(ValueError, match="stats_out must be a contiguous float32 tensor"):
+        torch.ops.vipo.reduce_partials(partials, a["adv"], a["weights"], a["std"],
+                                       torch.empty(3), P, 5.0, 0.5)
+    with pytest.raises(ValueError, match="dloss must hold one float32 value"):
+        torch.ops.vipo.scale_grad(a["grad"], torch.ones(2))
     with pytest.raises(ValueError, match="next_out must have z's dtype"):
         cpp.step(a["v"], a["z"], a["x"], a["cs"], a["co"], a["std"],
                  next_out=torch.empty_like(a["z"], dtype=torch.bfloat16))
@@ -258,12 +273,16 @@ def test_ops_opcheck(cpp):
     B, C, P = a["v"].shape
     bp = cpp.block_positions(B, C, P)
     k = -(-P // bp)
+    partials = torch.empty(B, k, N_COLUMNS)
     torch.library.opcheck(torch.ops.vipo.loss_position.default, (
-        a["v"], a["z"], a["x"], a["old"], a["adv"], a["amap"], a["cs"], a["co"], a["std"],
-        a["ref"], a["grad"], torch.empty(B, k, 8), 1e-2, 0.5, 0.01, bp))
+        a["v"], a["z"], a["x"], a["old"], a["adv"], a["weights"], a["amap"], a["cs"], a["co"],
+        a["std"], a["ref"], a["grad"], partials, 1e-2, 5.0, 0.5, bp))
+    torch.library.opcheck(torch.ops.vipo.reduce_partials.default, (
+        torch.zeros_like(partials), a["adv"], a["weights"], a["std"], torch.empty(N_STATS + 1), P, 5.0, 0.5))
     torch.library.opcheck(torch.ops.vipo.grad_sample.default, (
-        a["v"], a["z"], a["x"], a["adv"], a["cs"], a["co"], a["std"], None, a["grad"],
-        torch.empty(B, k), 0.5, 0.01, bp))
+        a["v"], a["z"], a["x"], a["std"], a["cs"], a["co"], a["std"], None, a["grad"],
+        torch.empty(B, k), 0.5, bp))
+    torch.library.opcheck(torch.ops.vipo.scale_grad.default, (a["grad"], torch.tensor(2.0)))
     torch.library.opcheck(torch.ops.vipo.step.default, (
         a["v"], a["z"], a["x"], a["cs"], a["co"], a["std"], torch.empty_like(a["z"]),
         torch.empty(B, P), bp))
@@ -275,12 +294,12 @@ def test_primitive_under_torch_compile_fullgraph(cpp):
     """torch.compile traces the op itself (through its Meta kernel), no graph break."""
     a = _op_args(cpp)
 
-    def fused(v, z, x, old, adv, amap, cs, co, std):
-        partials = cpp.loss_position(v, z, x, old, adv, amap, cs, co, std, None, None,
-                                     clip_range=1e-2, kl_coef=0.0, grad_scale=0.01)
-        return partials[..., 0].sum() * 2.0
+    def fused(v, z, x, old, adv, weights, amap, cs, co, std):
+        loss, _ = cpp.loss_position(v, z, x, old, adv, weights, amap, cs, co, std, None, None,
+                                    clip_range=1e-2, adv_clip=5.0, kl_coef=0.0)
+        return loss * 2.0
 
-    inputs = [a[k] for k in ("v", "z", "x", "old", "adv", "amap", "cs", "co", "std")]
+    inputs = [a[k] for k in ("v", "z", "x", "old", "adv", "weights", "amap", "cs", "co", "std")]
     compiled = torch.compile(fused, fullgraph=True)(*inputs)
     assert rel_err(compiled, fused(*inputs)) < 1e-6
 
@@ -301,7 +320,7 @@ def test_auto_picks_cpp_on_cpu(cpp):
 def test_unbuilt_backend_says_how_to_build(monkeypatch):
     """An extension that fails to import (None in sys.modules makes the import raise,
     as a missing .so does) turns into an error that says how to build it."""
-    monkeypatch.setitem(sys.modules, "vipo_kernels.cpp_backend", None)
+    monkeypatch.setitem(sys.modules, "vipo_kernels.compiled_backend", None)
     monkeypatch.setattr(backends, "_resolved", {})  # an empty cache, restored afterwards
     assert not backends.available("cpp")
     assert backends.resolve("auto", torch.device("cpu")) is None  # falls back to torch

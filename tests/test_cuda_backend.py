@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vipo_kernels import backends, sde_step, vipo_loss
+from vipo_kernels.partials import N_COLUMNS
 
 from .test_kernels import VIDEO, _step_inputs, check_loss_case, run_loss
 from .utils import LossCase, make_loss_case, rel_err
@@ -25,9 +26,9 @@ IMAGE = (3, 5, 7, 9)
 def cuda_backend():
     if not backends.available("cuda"):
         pytest.skip("the extension was built without CUDA")
-    from vipo_kernels import cuda_backend
+    from vipo_kernels import compiled_backend
 
-    return cuda_backend
+    return compiled_backend.load("cuda")
 
 
 def _misaligned(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +44,9 @@ def _misaligned(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("ratio_level", ["position", "sample"])
 def test_every_launch_width(cuda_backend, monkeypatch, block_p, ratio_level):
     """32 to 256 threads per block: the block reduction over 1 to 8 warps."""
-    monkeypatch.setattr(cuda_backend, "block_positions", lambda B, P, device: block_p)
-    case = make_loss_case((3, 5, 37, 41), ratio_level=ratio_level, kl_coef=0.5, device="cuda")
+    monkeypatch.setattr(cuda_backend, "block_positions", lambda B, C, P, device: block_p)
+    case = make_loss_case((3, 5, 37, 41), ratio_level=ratio_level, kl_coef=0.5, device="cuda",
+                          rewards=2)
     check_loss_case(case, "cuda", torch.float32)
 
 
@@ -93,18 +95,20 @@ def test_outputs_poisoned_by_caller(cuda_backend):
     B, C, P = v.shape
     cs, co, sd = (case.kwargs[k] for k in ("coef_sample", "coef_output", "std"))
     old, amap = case.old_log_prob.reshape(B, P), case.allocation_map.reshape(B, P).float()
-    adv = case.advantages.float()
-    bp = cuda_backend.block_positions(B, P, v.device)
+    adv = case.advantages.float().reshape(B, 1)
+    bp = cuda_backend.block_positions(B, C, P, v.device)
     k = -(-P // bp)
     nan = float("nan")
     grad = torch.full_like(v, nan)
-    partials = torch.full((B, k, 8), nan, device="cuda")
-    cuda_backend.loss_position(v, z, x, old, adv, amap, cs, co, sd, ref, grad, clip_range=1e-2,
-                               kl_coef=0.5, grad_scale=1.0 / (B * P), partials_out=partials)
+    partials = torch.full((B, k, N_COLUMNS), nan, device="cuda")
+    _, stats = cuda_backend.loss_position(v, z, x, old, adv, torch.ones(1, device="cuda"), amap,
+                                          cs, co, sd, ref, grad, clip_range=1e-2, adv_clip=5.0,
+                                          kl_coef=0.5, partials_out=partials)
     assert torch.isfinite(grad).all() and torch.isfinite(partials).all()
+    assert torch.isfinite(stats).all()
     kl = torch.full((B, k), nan, device="cuda")
-    cuda_backend.grad_sample(v, z, x, adv, cs, co, sd, ref, grad.fill_(nan), kl_coef=0.5,
-                             grad_scale=1.0 / (B * P), kl_out=kl)
+    cuda_backend.grad_sample(v, z, x, adv[:, 0], cs, co, sd, ref, grad.fill_(nan), kl_coef=0.5,
+                             kl_out=kl)
     assert torch.isfinite(grad).all() and torch.isfinite(kl).all()
     nxt, logp = torch.full_like(z, nan), torch.full((B, P), nan, device="cuda")
     cuda_backend.step(v, z, x, cs, co, sd, next_out=nxt, logp_out=logp)
@@ -121,6 +125,8 @@ def test_op_argument_errors(cuda_backend):
         torch.ops.vipo.log_prob(v, z, x.half(), cs, co, sd, logp, 128)
     with pytest.raises(ValueError, match="cs is on cpu"):
         torch.ops.vipo.log_prob(v, z, x, cs.cpu(), co, sd, logp, 128)
+    with pytest.raises(ValueError, match="dloss is on cpu"):
+        torch.ops.vipo.scale_grad(v, torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -128,7 +134,7 @@ def test_agrees_with_cpp(cuda_backend, dtype):
     """The two compiled backends implement one algorithm: same loss, stats, gradient."""
     if not backends.available("cpp"):
         pytest.skip("the C++ backend is not built")
-    case = make_loss_case(VIDEO, dtype, kl_coef=0.5, device="cuda")
+    case = make_loss_case(VIDEO, dtype, kl_coef=0.5, device="cuda", rewards=3)
     cpu_case = LossCase(*(t.cpu() if t is not None else None for t in case.args()),
                         {k: a.cpu() if torch.is_tensor(a) else a for k, a in case.kwargs.items()})
     upstream = torch.tensor(1.7)

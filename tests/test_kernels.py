@@ -58,6 +58,34 @@ def test_loss_fp32(backend, shape, ratio_level, with_map, kl_coef):
         assert ref_stats["clip_frac_low"] + ref_stats["clip_frac_high"] < 1
 
 
+@pytest.mark.parametrize("backend", ["torch", *CPU_BACKENDS])
+@pytest.mark.parametrize("rewards", [1, 2, 3])
+@pytest.mark.parametrize("shape", [IMAGE, VIDEO], ids=["image", "video"])
+@pytest.mark.parametrize("ratio_level", ["position", "sample"])
+@pytest.mark.parametrize("with_map,kl_coef", [(True, 0.0), (False, 0.5)], ids=["map", "nomap-kl"])
+def test_loss_rewards(backend, rewards, shape, ratio_level, with_map, kl_coef):
+    """(B, K) advantages with weights of both signs: sum_k w_k L_clip(A_k) + L_KL in one call
+    against the sum of K single-reward float64 reference losses (tests/utils.py oracle),
+    with the per-reward losses; the reference itself (backend="torch") too."""
+    case = make_loss_case(shape, ratio_level=ratio_level, with_map=with_map, kl_coef=kl_coef,
+                          rewards=rewards)
+    check_loss_case(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_reward_column_is_the_vector_case(backend):
+    """(B, 1) advantages and reward_weights=[1] give exactly the (B,) call."""
+    case = make_loss_case(IMAGE, kl_coef=0.5)
+    vector_loss, vector_stats, vector_grad = run_loss(case, backend, torch.tensor(1.0))
+    case.advantages = case.advantages[:, None]
+    case.kwargs["reward_weights"] = [1.0]
+    column_loss, column_stats, column_grad = run_loss(case, backend, torch.tensor(1.0))
+    assert torch.equal(vector_loss, column_loss) and torch.equal(vector_grad, column_grad)
+    assert vector_stats["loss_clip_per_reward"].shape == (1,)
+    for name, value in vector_stats.items():
+        assert torch.equal(value, column_stats[name]), name
+
+
 @pytest.mark.parametrize("ratio_level", ["position", "sample"])
 @pytest.mark.parametrize("kl_coef", [0.0, 0.5])
 def test_triton_many_blocks(monkeypatch, ratio_level, kl_coef):
@@ -66,7 +94,7 @@ def test_triton_many_blocks(monkeypatch, ratio_level, kl_coef):
     from vipo_kernels import triton_backend
 
     monkeypatch.setitem(triton_backend.TILE_BUDGET, "cpu", 64)
-    case = make_loss_case((3, 5, 7, 9), ratio_level=ratio_level, kl_coef=kl_coef)
+    case = make_loss_case((3, 5, 7, 9), ratio_level=ratio_level, kl_coef=kl_coef, rewards=2)
     check_loss_case(case, "triton", torch.float32)
     (v, z, noise), coefs = _step_inputs(VIDEO, torch.float32)
     nxt, logp = sde_step(v, z, noise, **coefs, backend="triton")
@@ -77,8 +105,9 @@ def test_triton_many_blocks(monkeypatch, ratio_level, kl_coef):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("ratio_level", ["position", "sample"])
-def test_loss_low_precision(backend, dtype, ratio_level):
-    case = make_loss_case(IMAGE, dtype, ratio_level=ratio_level, kl_coef=0.5)
+@pytest.mark.parametrize("rewards", [None, 2], ids=["1-reward", "2-rewards"])
+def test_loss_low_precision(backend, dtype, ratio_level, rewards):
+    case = make_loss_case(IMAGE, dtype, ratio_level=ratio_level, kl_coef=0.5, rewards=rewards)
     check_loss_case(case, backend, dtype)
 
 
@@ -222,3 +251,29 @@ def test_second_backward_is_refused(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already backpropagated"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_implement_the_protocol(backend):
+    """Every kernel backend is one object with the five primitives of KernelBackend."""
+    impl = backends.resolve(backend, torch.device("cpu"))
+    assert isinstance(impl, backends.KernelBackend)
+
+
+def test_triton_launcher_names_a_bad_argument():
+    """The Triton launchers check their arguments as the compiled ops do."""
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton is not installed")
+    from vipo_kernels import triton_backend
+
+    v = torch.randn(2, 3, 5)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match="x must be"):
+        triton_backend.log_prob(v, v, v[:, :2], ones, ones, ones)
+    with pytest.raises(ValueError, match="std must be a contiguous float32"):
+        triton_backend.log_prob(v, v, v, ones, ones, ones.double())
+    with pytest.raises(ValueError, match="weights must have shape"):
+        triton_backend.loss_position(v, v, v, torch.zeros(2, 5), torch.ones(2, 2),
+                                     torch.ones(3), None, ones, ones, ones, None, None,
+                                     clip_range=0.1,
+                                     adv_clip=5.0, kl_coef=0.0)

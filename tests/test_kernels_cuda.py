@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vipo_kernels import backends, sde_coefficients, sde_step, vipo_loss
+from vipo_kernels import backends, log_prob, sde_coefficients, sde_step, vipo_loss
 from vipo_kernels.reference import log_prob_reference
 
 from .test_kernels import IMAGE, ODD, VIDEO, check_loss_case
-from .utils import make_loss_case, rel_err
+from .utils import assert_matches, make_loss_case, natural_scales, oracle, rel_err
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["triton", "cuda"]
@@ -29,9 +29,11 @@ def _backend_or_skip(backend):
 @pytest.mark.parametrize("ratio_level", ["position", "sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
-def test_loss_cuda(backend, shape, ratio_level, dtype):
+@pytest.mark.parametrize("rewards", [None, 3], ids=["1-reward", "3-rewards"])
+def test_loss_cuda(backend, shape, ratio_level, dtype, rewards):
     _backend_or_skip(backend)
-    case = make_loss_case(shape, dtype, ratio_level=ratio_level, kl_coef=0.5, device="cuda")
+    case = make_loss_case(shape, dtype, ratio_level=ratio_level, kl_coef=0.5, device="cuda",
+                          rewards=rewards)
     check_loss_case(case, backend, dtype)
 
 
@@ -84,3 +86,42 @@ def test_compile_cuda(backend):
     step(v_eager).backward()
     assert rel_err(loss, step(v_eager.detach())) < 1e-6
     assert rel_err(v.grad, v_eager.grad) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", *GPU_BACKENDS])
+@pytest.mark.parametrize("ratio_level", ["position", "sample"])
+def test_no_host_sync(backend, ratio_level):
+    """A full loss forward and backward (two rewards, KL, a map, a random upstream gradient),
+    sde_step and log_prob under torch.cuda.set_sync_debug_mode("error"): any device-to-host
+    synchronisation raises. The results are then checked against the float64 reference."""
+    if backend != "torch":
+        _backend_or_skip(backend)
+    case = make_loss_case(FLUX, ratio_level=ratio_level, kl_coef=0.5, device="cuda", rewards=2)
+    # Built before the check: a tensor from host values is a copy the debug mode reports.
+    kwargs = dict(case.kwargs, reward_weights=torch.tensor(case.kwargs["reward_weights"],
+                                                           device="cuda"))
+    upstream = torch.randn((), device="cuda") * 3
+    coefs = {k: kwargs[k] for k in ("coef_sample", "coef_output", "std")}
+    z, noise = case.sample, torch.randn_like(case.sample)
+
+    def run():
+        v = case.model_output.detach().clone().requires_grad_(True)
+        loss, stats = vipo_loss(v, *case.args()[1:], **kwargs, backend=backend)
+        (loss * upstream).backward()
+        nxt, logp = sde_step(v.detach(), z, noise, **coefs, backend=backend)
+        logp_sample = log_prob(v.detach(), z, nxt, **coefs, ratio_level="sample",
+                               backend=backend)
+        return loss, stats, v.grad, logp, logp_sample
+
+    run()  # compiles the Triton kernels and fills the caches outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats, grad, logp, logp_sample = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref_loss, ref_stats, ref_grad = oracle(case)
+    scales = natural_scales(case, ref_stats)
+    assert_matches("loss", loss, loss, ref_loss, torch.float32, scale=scales["loss"])
+    assert_matches("grad", grad, grad, ref_grad * upstream.cpu(), torch.float32)
+    assert torch.isfinite(logp).all() and torch.isfinite(logp_sample).all()

@@ -242,9 +242,9 @@ def test_sample_level_all_ones_map_equals_grpo(worlds, tmp_path):
                        run_name=f"map{use_map}")
         trainer = Trainer(cfg)
         roll = trainer.sample()
-        adv, _, scale, _ = trainer.advantages(roll, trainer.score(roll))
+        adv, _, _ = trainer.advantages(roll, trainer.score(roll))
         ones = torch.ones(roll.num_samples, *trainer.adapter.latent_shape()[1:])
-        stats = trainer.optimize(roll, adv, ones if use_map else None, scale)
+        stats = trainer.optimize(roll, adv, ones if use_map else None)
         results.append((snapshot(trainer.adapter.transformer), stats))
         from accelerate.state import AcceleratorState, GradientState
 
@@ -343,6 +343,46 @@ def test_vipo_mean_one_maps_sum_rewards_batch_std(worlds, tmp_path):
                    multi_reward="sum_rewards", std_scope="batch", eps_std=1e-4)
     rows = check_run(*run_two_steps(cfg))
     assert rows[0]["map_mean"] < 1  # raw min-max maps are logged; the loss sees M / mean M
+
+
+@needs_psm
+@pytest.mark.parametrize("map_norm", ["minmax", "mean_one", "floor"])
+def test_trainer_passes_maps_and_advantages_unchanged(worlds, tmp_path, monkeypatch, map_norm):
+    """One vipo_loss call per trained step, with the (B, K) advantages as group_advantages
+    made them (unclipped: the loss clips to adv_clip), the reward weights, the map as
+    map_norm made it (METHOD.md 6), and the configured adv_clip; and the per-reward losses
+    are logged."""
+    import vipo_kernels
+
+    cfg = make_cfg("sd3", worlds, tmp_path, algorithm="vipo", map_norm=map_norm, map_floor=0.25,
+                   reward=["redness", "jpeg_incompressibility"], reward_weights=[1.0, 0.5],
+                   iterations=1)
+    from vipo.train import Trainer
+
+    trainer = Trainer(cfg)
+    roll = trainer.sample()
+    adv, maps, raw = trainer.advantages(roll, trainer.score(roll))
+    expected = {"minmax": raw, "mean_one": raw / raw.mean(dim=(1, 2), keepdim=True),
+                "floor": 0.25 + 0.75 * raw}[map_norm]
+    torch.testing.assert_close(maps, expected)
+    calls = []
+    real = vipo_kernels.vipo_loss
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vipo_kernels, "vipo_loss", spy)
+    stats = trainer.optimize(roll, adv, maps)
+    steps = roll.num_samples // cfg.train.train_batch_size * cfg.train_steps_per_sample
+    assert len(calls) == steps
+    for args, kwargs in calls:
+        assert args[4].shape[1] == 2 and kwargs["reward_weights"] == [1.0, 0.5]
+        assert kwargs["adv_clip"] == cfg.train.adv_clip
+        # Each row of the call's advantages and map is some sample's, unchanged.
+        assert all(any(torch.equal(row, a) for a in adv.values) for row in args[4])
+        assert all(any(torch.equal(row, m) for m in maps) for row in args[5])
+    assert {"loss_clip_redness", "loss_clip_jpeg_incompressibility"} <= stats.keys()
 
 
 def test_default_command_runs_the_toy_preset(tmp_path, capsys):

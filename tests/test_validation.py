@@ -32,10 +32,19 @@ BAD_LOSS_INPUTS = {
     "old_log_prob shape": (ValueError, "old_log_prob",
                            dict(old_log_prob=lambda a, k: a["old_log_prob"][:, :2])),
     "advantages shape": (ValueError, "advantages", dict(advantages=torch.zeros(3))),
+    "advantages rank": (ValueError, "advantages", dict(advantages=torch.zeros(2, 2, 1))),
+    "advantages 2-d nan": (ValueError, "advantages",
+                           dict(advantages=torch.tensor([[1.0, float("nan")], [0.5, 1.0]]))),
+    "reward_weights count": (ValueError, "reward_weights",
+                             dict(advantages=torch.ones(2, 2), reward_weights=[1.0])),
+    "reward_weights nan": (ValueError, "reward_weights", dict(reward_weights=[float("nan")])),
+    "reward_weights tensor shape": (ValueError, "reward_weights",
+                                    dict(advantages=torch.ones(2, 2),
+                                         reward_weights=torch.ones(3))),
     "advantages nan": (ValueError, "advantages", dict(advantages=torch.tensor([float("nan"), 1.0]))),
     "advantages inf": (ValueError, "advantages", dict(advantages=torch.tensor([float("inf"), 1.0]))),
-    "map above one": (ValueError, "allocation_map",
-                      dict(allocation_map=lambda a, k: a["allocation_map"] + 1.5)),
+    "map inf": (ValueError, "allocation_map must be finite and >= 0",
+                dict(allocation_map=lambda a, k: a["allocation_map"] / 0.0)),
     "map negative": (ValueError, "allocation_map",
                      dict(allocation_map=lambda a, k: a["allocation_map"] - 1.5)),
     "map nan": (ValueError, "allocation_map",
@@ -63,6 +72,17 @@ def test_bad_loss_input(backend, case):
     error, name, changes = BAD_LOSS_INPUTS[case]
     with pytest.raises(error, match=name):
         _loss_call(backend, **changes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_above_one_is_accepted(backend):
+    """The contract is M finite and >= 0 (map_norm=mean_one exceeds 1): such a map is the
+    reference's loss, with A x M as given."""
+    case = make_loss_case((2, 3, 4, 5), kl_coef=0.0)
+    amap = case.allocation_map * 3.0 + 0.5
+    loss, _ = vipo_loss(*case.args()[:5], amap, **case.kwargs, backend=backend)
+    expected, _ = vipo_loss(*case.args()[:5], amap.double(), **case.kwargs, backend="torch")
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
 
 
 def test_sample_level_old_log_prob_shape():
@@ -108,7 +128,8 @@ def test_bad_step_inputs(backend):
 
 
 def test_unavailable_backend_says_how_to_get_it(monkeypatch):
-    monkeypatch.setitem(backends._MODULES, "cuda", "vipo_kernels._no_such_module")
+    monkeypatch.setitem(backends._MODULES, "cuda", ("vipo_kernels._no_such_module", "cuda"))
+    monkeypatch.setattr(backends, "_resolved", {})
     z = torch.randn(1, 1, 2, 2)
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         sde_step(z, z, z, coef_sample=1.0, coef_output=-0.1, std=0.1, backend="cuda")

@@ -65,13 +65,16 @@ def natural_scales(case: "LossCase", ref_stats: dict) -> dict:
     about 1), not with the loss itself. approx_kl = mean(log^2 rho)/2 moves by
     log rho x (error of log rho), so its scale is the RMS log-ratio. Ratios and fractions
     are O(1); the KL term is a sum of squares, which cannot cancel."""
-    adv = case.advantages.detach().double().cpu().clamp(-5.0, 5.0).abs()
+    adv = case.advantages.detach().double().cpu().reshape(case.sample.shape[0], -1)
+    adv = adv.clamp(-5.0, 5.0).abs()  # (B, K)
     if case.allocation_map is not None:
         amap = case.allocation_map.detach().double().cpu()
-        adv = adv * amap.flatten(1).mean(dim=1)
-    l1 = adv.mean().item()
+        adv = adv * amap.flatten(1).mean(dim=1, keepdim=True)
+    per_reward = adv.mean(dim=0)  # (K,) mean |A_k M|
+    l1 = (per_reward * case.weights().abs()).sum().item()
     loss_kl = abs(ref_stats["loss_kl"].item())
     return {"loss": l1 + loss_kl, "loss_clip": l1, "loss_kl": max(loss_kl, 1e-30),
+            "loss_clip_per_reward": per_reward.max().item(),
             "approx_kl": max((2 * ref_stats["approx_kl"].item()) ** 0.5, 1e-30),
             "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0,
             "clip_frac_low": 1.0, "clip_frac_high": 1.0}
@@ -93,6 +96,13 @@ class LossCase:
         return (self.model_output, self.sample, self.next_sample, self.old_log_prob,
                 self.advantages, self.allocation_map)
 
+    def weights(self) -> torch.Tensor:
+        """The (K,) float64 reward weights (ones by default)."""
+        rewards = 1 if self.advantages.dim() == 1 else self.advantages.shape[1]
+        weights = self.kwargs.get("reward_weights")
+        return torch.ones(rewards, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64).cpu()
+
 
 def _noncontiguous(x: torch.Tensor, how: str) -> torch.Tensor:
     """The same values in a non-contiguous layout: 'batch' permutes batch and channel
@@ -106,11 +116,17 @@ def _noncontiguous(x: torch.Tensor, how: str) -> torch.Tensor:
     return x
 
 
+# Reward weights of the multi-reward cases: of both signs and sizes, one of them 1.
+REWARD_WEIGHTS = (1.0, 0.5, -0.25)
+
+
 def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="position",
                    with_map=True, kl_coef=0.0, clip_range=1e-2, noncontiguous=None,
-                   device="cpu") -> LossCase:
+                   device="cpu", rewards=None) -> LossCase:
     """Random inputs whose ratios fall below, inside and above [1 - eps, 1 + eps], with
-    advantages of both signs (one beyond adv_clip) and a map with zeros.
+    advantages of both signs (one beyond adv_clip) and a map with zeros. ``rewards=K``
+    gives (B, K) advantages, each column with both signs (for B > 1), and the first K
+    ``REWARD_WEIGHTS``; the default, (B,) advantages.
 
     The old log-prob is the float64 log-density of the current policy minus a chosen
     offset, so each ratio is exp(offset) up to rounding; the offsets stay at least eps/2
@@ -136,10 +152,13 @@ def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="posi
     else:
         old = elem.flatten(1).mean(dim=1) - offsets[torch.arange(batch) % len(offsets)]
 
-    advantages = torch.randn(batch, dtype=torch.float64) * 2
-    advantages[0] = abs(advantages[0]) + 6.0  # beyond adv_clip = 5
+    advantages = torch.randn(batch, rewards or 1, dtype=torch.float64) * 2
+    advantages[0, 0] = abs(advantages[0, 0]) + 6.0  # beyond adv_clip = 5
     if batch > 1:
-        advantages[1] = -abs(advantages[1]) - 0.1
+        advantages[1] = -advantages[1].abs() - 0.1
+        advantages[0, 1:] = advantages[0, 1:].abs() + 0.1
+    if rewards is None:
+        advantages = advantages[:, 0]
     amap = None
     if with_map:
         amap = torch.rand(batch, *spatial, dtype=torch.float64)
@@ -147,6 +166,8 @@ def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="posi
         amap = amap.to(dtype)
     kwargs = dict(coef_sample=cs.float(), coef_output=co.float(), std=std.float(),
                   clip_range=clip_range, adv_clip=5.0, ratio_level=ratio_level, kl_coef=kl_coef)
+    if rewards is not None:
+        kwargs["reward_weights"] = list(REWARD_WEIGHTS[:rewards])
     if kl_coef > 0:
         kwargs["ref_model_output"] = _noncontiguous(
             (v.double() + 0.1 * torch.randn(shape, dtype=torch.float64)).to(dtype),
@@ -158,12 +179,32 @@ def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="posi
                     to_dev(amap), kwargs)
 
 
-def oracle(case: LossCase):
-    """float64 loss, stats and dL/dv of ``case``, from the reference."""
+def _reference64(case: LossCase, advantages, kl_coef):
+    """float64 reference loss, stats and dL/dv of ``case`` with one advantage column."""
     v = case.model_output.detach().double().cpu().requires_grad_(True)
     args = [a.detach().double().cpu() if a is not None else None for a in case.args()[1:]]
+    args[3] = advantages
     kwargs = {k: a.detach().double().cpu() if isinstance(a, torch.Tensor) else a
-              for k, a in case.kwargs.items()}
-    loss, stats = vipo_loss_reference(v, *args, **kwargs)
+              for k, a in case.kwargs.items() if k != "reward_weights"}
+    loss, stats = vipo_loss_reference(v, *args, **dict(kwargs, kl_coef=kl_coef))
     (grad,) = torch.autograd.grad(loss, v)
     return loss.detach(), stats, grad
+
+
+def oracle(case: LossCase):
+    """float64 loss, stats and dL/dv of ``case`` from the reference: for (B, K) advantages,
+    the sum of K single-reward reference losses w_k L(A_k) (kl_coef 0), plus the KL term
+    alone (A = 0), so the reference's own handling of K is not what the kernels are held to."""
+    adv = case.advantages.detach().double().cpu()
+    if adv.dim() == 1:
+        return _reference64(case, adv, case.kwargs["kl_coef"])
+    weights = case.weights()
+    loss, stats, grad = _reference64(case, torch.zeros_like(adv[:, 0]), case.kwargs["kl_coef"])
+    per_reward = []
+    for k in range(adv.shape[1]):
+        loss_k, stats_k, grad_k = _reference64(case, adv[:, k], 0.0)
+        loss, grad = loss + weights[k] * loss_k, grad + weights[k] * grad_k
+        per_reward.append(stats_k["loss_clip"])
+    stats = dict(stats, loss_clip_per_reward=torch.stack(per_reward),
+                 loss_clip=(weights * torch.stack(per_reward)).sum())
+    return loss, stats, grad

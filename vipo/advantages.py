@@ -1,4 +1,4 @@
-"""Group advantages (METHOD.md 5) and allocation-map normalisation (METHOD.md 6).
+"""Group advantages (METHOD.md 5). (map_norm, METHOD.md 6, is ``vipo.psm.maps.normalize_maps``.)
 
 A_i = (r_i - mean_g) / (std_g + eps_std), std unbiased (divisor G - 1). A group whose
 rewards are all equal gets A = 0 and is counted; a non-finite reward raises naming the
@@ -77,29 +77,3 @@ def _finite_groups(rewards, groups, nonfinite, names, prompts):
     bad_groups = torch.unique(groups[~finite])
     keep = ~torch.isin(groups, bad_groups)
     return keep, int(bad_groups.numel())
-
-
-def normalise_maps(maps: torch.Tensor, mode: str, floor: float = 0.0):
-    """Applies ``map_norm`` to maps (N, *S) in [0, 1]; returns (maps, scale).
-
-    The loss kernel takes maps in [0, 1], so ``mean_one`` (M / mean M, which may exceed 1) is
-    returned as M / max(M) together with the per-sample factor max(M) / mean(M) (N,) that the
-    caller folds into the (already clipped) advantage: the product A * M is unchanged.
-    """
-    flat = maps.flatten(1)
-    ones = torch.ones(maps.shape[0], dtype=maps.dtype, device=maps.device)
-    if mode == "minmax":
-        return maps, ones
-    if mode == "floor":
-        return floor + (1.0 - floor) * maps, ones
-    if mode == "mean_one":
-        mean = flat.mean(dim=1)
-        peak = flat.amax(dim=1)
-        # An all-zero map carries no allocation: treat it as uniform (M = 1), like the PSM's
-        # constant-map rule (METHOD.md 6).
-        empty = peak <= 0
-        view = (-1,) + (1,) * (maps.dim() - 1)
-        scaled = torch.where(empty.view(view), torch.ones_like(maps), maps / peak.clamp_min(1e-12)
-                             .view(view))
-        return scaled, torch.where(empty, ones, peak / mean.clamp_min(1e-12))
-    raise ValueError(f"map_norm must be 'minmax', 'mean_one' or 'floor', got {mode!r}")

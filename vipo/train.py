@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .advantages import normalise_maps
 from .config import DEFAULT_PRESET, Config, ConfigError, help_text
 from .distributed import PromptSampler, global_advantages, group_generator, reduce_stats
 from .faults import TrainingError
@@ -242,8 +241,8 @@ class Trainer:
 
             with self.accelerator.main_process_first():
                 path = str(tiny.ensure_backbone())
-        # normalize="minmax" here: map_norm is applied by the trainer (normalise_maps), which
-        # keeps the kernel's map in [0, 1] for every norm.
+        # normalize="minmax" here: the trainer keeps these maps for logging and applies
+        # map_norm itself, in ``advantages``.
         with faults.loading("the PSM backbone (psm.backbone)", path):
             return PerceptualStructuringModule.from_pretrained(
                 path, device=self.accelerator.device, n_components=p.n_components,
@@ -302,12 +301,15 @@ class Trainer:
             raise TrainingError(str(err), everywhere=True) from err
         self._count_dropped(adv)
         maps, raw = None, None
-        scale = torch.ones(roll.num_samples)
         if self.psm is not None:
+            from .psm.maps import normalize_maps
+
             with self.timer("psm"), torch.no_grad():
-                raw = self.allocation_maps(roll.media)
-                maps, scale = normalise_maps(raw, self.cfg.psm.map_norm, self.cfg.psm.map_floor)
-        return adv, maps, scale.cpu(), raw
+                raw = self.allocation_maps(roll.media)  # min-max, kept for the logs
+                # map_norm (METHOD.md 6) in its one place; the loss takes any map >= 0.
+                maps = normalize_maps(raw, tuple(range(1, raw.dim())), self.cfg.psm.map_norm,
+                                      self.cfg.psm.map_floor)
+        return adv, maps, raw
 
     def _count_dropped(self, adv) -> None:
         """Stops a run whose every group is dropped (non-finite rewards) for
@@ -334,7 +336,7 @@ class Trainer:
         return self.psm(media, latent_size=spatial).float()
 
     # ------------------------------------------------------------------ optimize
-    def optimize(self, roll, adv, maps, map_scale) -> dict:
+    def optimize(self, roll, adv, maps) -> dict:
         """Recompute + loss on |S_i| steps of every sample; accelerate accumulates
         grad_accum samples x |S_i| steps per optimiser step (METHOD.md 7)."""
         t, acc = self.cfg.train, self.accelerator
@@ -342,10 +344,6 @@ class Trainer:
         # then runs the same number of backward passes, which DDP/FSDP need to stay in step.
         order = torch.randperm(roll.num_samples, generator=_cpu_gen(self.rng))
         steps = self._train_steps(roll.num_samples)  # (N, |S|)
-        # Clip here, then fold the mean_one map factor in (normalise_maps); the kernel's own
-        # clip then bounds |A| * scale, i.e. is a no-op.
-        values = adv.values.clamp(-t.adv_clip, t.adv_clip) * map_scale[:, None]
-        kernel_adv_clip = t.adv_clip * float(map_scale.max()) if len(map_scale) else t.adv_clip
         totals: dict = {}
         counts: dict = {}
         first = None
@@ -357,9 +355,8 @@ class Trainer:
                 for j in range(steps.shape[1]):
                     k = steps[mb_cpu, j].to(acc.device)  # (B,) step of each sample
                     with acc.accumulate(self.model):
-                        stats = self._train_step(roll, mb, k, cond, values[mb_cpu],
-                                                 None if maps is None else maps[mb],
-                                                 kernel_adv_clip)
+                        stats = self._train_step(roll, mb, k, cond, adv.values[mb_cpu],
+                                                 None if maps is None else maps[mb])
                     first = first or stats
                     for key, v in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(v)
@@ -381,7 +378,7 @@ class Trainer:
         gen = _cpu_gen(self.rng)
         return torch.stack([torch.randperm(trainable, generator=gen)[:count] for _ in range(n)])
 
-    def _train_step(self, roll, mb, k, cond, adv, amap, adv_clip) -> dict:
+    def _train_step(self, roll, mb, k, cond, adv, amap) -> dict:
         from vipo_kernels import vipo_loss
 
         t, acc = self.cfg.train, self.accelerator
@@ -390,21 +387,19 @@ class Trainer:
         with acc.autocast():
             v = self.adapter.velocity(self.model, z, self.schedule.timesteps[k], cond)
         ref = self._reference_velocity(z, k, cond) if t.kl_coef > 0 else None
-        adv = adv.to(acc.device)
-        loss, first_stats = 0.0, None
-        for col, weight in enumerate(self.adv_weights):
-            # L = sum_k w_k L_clip(A_k) + L_KL (METHOD.md 5): the KL rides on the first term,
-            # divided by its weight so that it enters once, unweighted.
-            kl = t.kl_coef / weight if col == 0 else 0.0
-            term, stats = vipo_loss(v, z, z_next, roll.log_probs[mb, k], adv[:, col].contiguous(),
-                                    amap, **coefs, clip_range=t.clip_range, adv_clip=adv_clip,
-                                    ratio_level=t.ratio_level, kl_coef=kl,
-                                    ref_model_output=ref if kl > 0 else None,
-                                    backend=t.kernel_backend)
-            loss = loss + weight * term
-            first_stats = first_stats or stats
+        # L = sum_k w_k L_clip(A_k) + L_KL (METHOD.md 5) in one call: (B, K) advantages, the
+        # map as the PSM and map_norm made it; the loss clips A to adv_clip itself.
+        loss, stats = vipo_loss(v, z, z_next, roll.log_probs[mb, k], adv.to(acc.device), amap,
+                                **coefs, reward_weights=self.adv_weights, clip_range=t.clip_range,
+                                adv_clip=t.adv_clip, ratio_level=t.ratio_level,
+                                kl_coef=t.kl_coef, ref_model_output=ref,
+                                backend=t.kernel_backend)
         acc.backward(loss)
-        out = {"loss": loss.detach(), **first_stats}
+        per_reward = stats.pop("loss_clip_per_reward")
+        out = {"loss": loss.detach(), **stats}
+        if len(per_reward) > 1:
+            out.update({f"loss_clip_{_tag(name)}": value
+                        for name, value in zip(self.cfg.reward.reward, per_reward)})
         self._bad_loss = self._bad_loss or not bool(torch.isfinite(loss))
         if acc.sync_gradients:
             out["grad_norm"] = self._optimizer_step()
@@ -471,6 +466,7 @@ class Trainer:
                      "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "grad_norm",
                      "onpolicy_max_abs_log_ratio")
         row.update({k: train_stats.get(k, math.nan) for k in stat_keys})
+        row.update({k: v for k, v in train_stats.items() if k.startswith("loss_clip_")})
         seconds = self.timer.pop()
         for phase in ("sampling", "reward", "psm", "training"):
             row[f"time_{phase}"] = seconds.get(phase, 0.0)
@@ -557,9 +553,9 @@ class Trainer:
         with faults.phase("reward", cfg):
             rewards = self.score(roll)
         with faults.phase("psm", cfg):
-            adv, maps, scale, raw = self.advantages(roll, rewards)
+            adv, maps, raw = self.advantages(roll, rewards)
         with faults.phase("training", cfg):
-            stats = self.optimize(roll, adv, maps, scale)
+            stats = self.optimize(roll, adv, maps)
         return self.log(it, roll, rewards, adv, raw, stats)
 
     def run(self) -> dict:

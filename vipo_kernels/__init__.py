@@ -5,13 +5,12 @@ Public API (a contract: extend it, do not rename it)::
     from vipo_kernels import vipo_loss, sde_step, log_prob, sde_coefficients
 """
 
-from .functional import (ViPOLoss, ViPOLossFunction, log_prob, sde_coefficients, sde_step,
-                         vipo_loss)
+from .functional import ViPOLoss, log_prob, sde_coefficients, sde_step, vipo_loss
 from .reference import (log_prob_reference, sde_coefficients_reference, sde_step_reference,
                         vipo_loss_reference)
 
 __all__ = [
-    "vipo_loss", "sde_step", "log_prob", "sde_coefficients", "ViPOLoss", "ViPOLossFunction",
+    "vipo_loss", "sde_step", "log_prob", "sde_coefficients", "ViPOLoss",
     "vipo_loss_reference", "sde_step_reference", "log_prob_reference",
     "sde_coefficients_reference",
 ]

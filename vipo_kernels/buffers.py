@@ -9,11 +9,11 @@ import os
 import torch
 
 
-def poisoning() -> bool:
-    return os.environ.get("VIPO_POISON", "0") == "1"
+# Read once: tests/conftest.py sets it before anything imports this package.
+POISON = os.environ.get("VIPO_POISON", "0") == "1"
 
 
 def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    if poisoning():
+    if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

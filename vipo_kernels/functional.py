@@ -1,25 +1,27 @@
 """Public API: ``sde_coefficients``, ``sde_step``, ``log_prob`` and ``vipo_loss``.
 
 Each call checks its arguments (messages name the argument), picks a backend and
-either runs the float64-capable reference (``backend="torch"``) or a kernel
-backend's primitives. The final means, the statistics and the ``dloss`` scaling
-live here, once, for every kernel backend (Liger's ``_reduce_loss``).
+either runs the float64-capable reference (``backend="torch"``) or a kernel backend's
+primitives (``backends.KernelBackend``). The position-level loss is one primitive call,
+which returns the loss already differentiable in the model output: the kernel pass, the
+reduction of its partials (``partials``) into the statistics and the autograd wrapper; the
+sample-level loss is built here from the reference's helpers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import backends, reference
+from . import backends, partials, reference
+from .autograd import with_gradient
 from .buffers import new_buffer
 from .reference import STAT_NAMES
-from .validation import (as_per_sample, check_float_tensor, check_hyperparameters, check_latents,
-                         check_per_position, check_ratio_level, check_values)
+from .validation import (as_per_sample, check_advantages, check_float_tensor,
+                         check_hyperparameters, check_latents, check_per_position,
+                         check_coefficients, check_ratio_level, check_values,
+                         reward_weights_tensor)
 
 SDE_KINDS = ("dance", "flow")
-# Order of the statistics vector the kernel paths build (the partials' column order).
-KERNEL_STATS = ("loss_clip", "loss_kl", "clip_frac_low", "clip_frac_high", "approx_kl",
-                "ratio_mean", "ratio_min", "ratio_max")
 
 
 def sde_coefficients(sigma, sigma_next, *, kind="dance", eta=0.3, noise_level=0.7):
@@ -61,8 +63,8 @@ def _bcp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bp(x: torch.Tensor) -> torch.Tensor:
-    """(B, *S) -> contiguous (B, P) float32."""
-    return x.detach().reshape(x.shape[0], -1).to(torch.float32).contiguous()
+    """(B, *S) -> contiguous (B, P) float32 (a view when it already is)."""
+    return x.reshape(x.shape[0], -1).to(torch.float32).contiguous()
 
 
 def _step_coefficients(coef_sample, coef_output, std, batch, device):
@@ -135,110 +137,58 @@ def _grad_buffer(v: torch.Tensor, v3: torch.Tensor, inplace: bool) -> torch.Tens
     return new_buffer(v3.shape, v.dtype, v.device)
 
 
-def _position_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
-    batch, _, positions = z3.shape
-    partials = impl.loss_position(v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad,
-                                  clip_range=hp["clip_range"], kl_coef=hp["kl_coef"],
-                                  grad_scale=1.0 / (batch * positions))
-    rows = partials.reshape(-1, partials.shape[-1])
-    # Columns [term, kl, n_low, n_high, sum log^2, sum rho, min, max]: KERNEL_STATS order.
-    sums = rows[:, :6].sum(dim=0, dtype=torch.float64)
-    extrema = torch.stack([rows[:, 6].amin(), rows[:, 7].amax()])
-    scale = _stat_scale(hp["kl_coef"], batch * positions, sums.device)
-    return torch.cat([sums * scale, extrema])  # cat promotes the fp32 extrema
-
-
-_stat_scales: dict[tuple, torch.Tensor] = {}
-
-
-def _stat_scale(kl_coef: float, count: int, device) -> torch.Tensor:
-    """[1, kl_coef, 1, 1, 1/2, 1] / count: the means of the partials' sums, cached because
-    building a tensor costs a host-to-device copy on every call."""
-    key = (kl_coef, count, device)
-    if key not in _stat_scales:
-        if len(_stat_scales) > 64:
-            _stat_scales.clear()
-        _stat_scales[key] = torch.tensor([1.0, kl_coef, 1.0, 1.0, 0.5, 1.0], dtype=torch.float64,
-                                         device=device) / count
-    return _stat_scales[key]
-
-
-def _sample_forward(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp):
+def _sample_level(impl, v3, z3, x3, old, adv, weights, amap, cs, co, sd, ref3, grad, *,
+                  clip_range, adv_clip, kl_coef):
+    """The sample-level loss: one ratio per sample from the mean log-density (METHOD.md 3).
+    Its surrogate and statistics are the reference's own helpers on (B,) ratios, their
+    gradient dL/d(log ratio) autograd's; then one kernel pass writes dlogp * dl/dv. Two
+    passes, because every gradient element depends on its sample's whole mean."""
     batch, channels, positions = z3.shape
-    eps = hp["clip_range"]
+    check_values(sd, adv, amap, old)
     logp = impl.log_prob(v3, z3, x3, cs, co, sd)
-    log_ratio = _sample_mean_log_prob(logp, channels) - old.to(torch.float64)  # (B,)
-    ratio = torch.exp(log_ratio)
-    adv64 = adv.to(torch.float64)
-    map_mean = amap.to(torch.float64).mean(dim=1) if amap is not None else torch.ones_like(ratio)
-    unclipped = -adv64 * ratio
-    clipped = -adv64 * ratio.clamp(1.0 - eps, 1.0 + eps)
-    # mean_p max(-A M rho, -A M clip rho) = mean_p(M) max(...) because M >= 0 (METHOD.md 3).
-    loss_clip = (map_mean * torch.maximum(unclipped, clipped)).mean()
-    active = (unclipped > clipped) | ((ratio >= 1.0 - eps) & (ratio <= 1.0 + eps))
-    # dL/dl(c,p) = dL/dmean_l / (C|P|), the same for every element of sample b.
-    dlogp = torch.where(active, unclipped * map_mean, 0.0) / (batch * channels * positions)
-    kl = torch.zeros((), dtype=torch.float64, device=z3.device)
+    with torch.enable_grad():
+        log_ratio = (_sample_mean_log_prob(logp, channels) - old.to(torch.float64))
+        log_ratio.requires_grad_(True)  # (B,)
+        # M >= 0 factors out of the max (METHOD.md 3): the map enters through its mean.
+        allocation = (amap.to(torch.float64).mean(dim=1) if amap is not None
+                      else torch.ones_like(log_ratio))
+        per_reward = reference.per_reward_clip_losses(
+            adv.to(torch.float64).clamp(-adv_clip, adv_clip), allocation, torch.exp(log_ratio),
+            clip_range)
+        loss_clip = (weights.to(torch.float64) * per_reward).sum()
+        (dlog_ratio,) = torch.autograd.grad(loss_clip, log_ratio)
+    loss_kl = torch.zeros((), dtype=torch.float64, device=z3.device)
     if grad is not None or ref3 is not None:
-        kl_partials = impl.grad_sample(v3, z3, x3, dlogp.to(torch.float32), cs, co, sd, ref3,
-                                       grad, kl_coef=hp["kl_coef"],
-                                       grad_scale=1.0 / (batch * positions))
-        kl = hp["kl_coef"] * kl_partials.to(torch.float64).sum() / (batch * positions)
-    return torch.stack([
-        loss_clip, kl, (ratio < 1.0 - eps).to(torch.float64).mean(),
-        (ratio > 1.0 + eps).to(torch.float64).mean(), 0.5 * (log_ratio**2).mean(), ratio.mean(),
-        ratio.min(), ratio.max()])
-
-
-class ViPOLossFunction(torch.autograd.Function):
-    """Fused loss: the kernel writes dL/dv during the forward pass; backward scales it."""
-
-    @staticmethod
-    def forward(ctx, model_output, sample, next_sample, old, adv, amap, cs, co, sd, ref, impl,
-                hp):
-        v3, z3, x3 = _bcp(model_output), _bcp(sample), _bcp(next_sample)
-        ref3 = _bcp(ref) if ref is not None else None
-        grad = _grad_buffer(model_output, v3, hp["inplace_backward"]) \
-            if ctx.needs_input_grad[0] else None
-        run = _position_forward if hp["ratio_level"] == "position" else _sample_forward
-        stats = run(impl, v3, z3, x3, old, adv, amap, cs, co, sd, ref3, grad, hp)
-        ctx.grad = grad
-        ctx.output_shape = model_output.shape
-        stats32 = stats.to(torch.float32)
-        ctx.mark_non_differentiable(stats32)
-        return stats32[0] + stats32[1], stats32
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 12
-        if ctx.grad is None:
-            raise RuntimeError("vipo_loss: this loss was already backpropagated once and its "
-                               "gradient buffer handed on; call vipo_loss again for another "
-                               "backward pass")
-        # Handing the buffer on (not keeping a reference) lets autograd take it as the
-        # gradient of a leaf without copying it.
-        grad, ctx.grad = ctx.grad, None
-        # Skipping the multiply when dloss = 1 saves a pass over the latent (Liger does the same).
-        if grad_loss.item() != 1.0:
-            grad = grad.mul_(grad_loss.to(grad.dtype))
-        return (grad.reshape(ctx.output_shape),) + (None,) * 11
+        # dL/dl(c, p) = dL/d(log ratio_b) / (C|P|), the same for every element of sample b.
+        kl_sums = impl.grad_sample(v3, z3, x3, (dlog_ratio / (channels * positions)).float(),
+                                   cs, co, sd, ref3, grad, kl_coef=kl_coef)
+        loss_kl = kl_sums.sum(dtype=torch.float64) * (kl_coef / (batch * positions))
+    values = reference.ratio_statistics(log_ratio.detach(), clip_range)
+    values.update(loss=loss_clip.detach() + loss_kl, loss_clip=loss_clip.detach(),
+                  loss_kl=loss_kl)
+    return torch.cat([torch.stack([values[name] for name in partials.STATS]),
+                      per_reward.detach()]).to(torch.float32)
 
 
 def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map=None,
-              *, coef_sample, coef_output, std, clip_range=1e-4, adv_clip=5.0,
-              ratio_level="position", kl_coef=0.0, ref_model_output=None, backend="auto",
-              inplace_backward=False):
-    """ViPO / GRPO PPO-clipped loss with a per-position likelihood ratio (METHOD.md 1-4).
+              *, coef_sample, coef_output, std, reward_weights=None, clip_range=1e-4,
+              adv_clip=5.0, ratio_level="position", kl_coef=0.0, ref_model_output=None,
+              backend="auto", inplace_backward=False):
+    """ViPO / GRPO PPO-clipped loss with a per-position likelihood ratio (METHOD.md 1-5).
 
     Args:
         model_output: (B, C, *S) predicted velocity v; the only input that gets a gradient.
         sample, next_sample: (B, C, *S) latents z_k and z_{k+1} of the rollout.
         old_log_prob: (B, *S) for ``ratio_level="position"``, (B,) for ``"sample"``, as
             returned by ``sde_step`` / ``log_prob`` at rollout time.
-        advantages: (B,) group advantages, clipped here to [-adv_clip, adv_clip].
-        allocation_map: (B, *S) in [0, 1], or None for plain GRPO (M = 1).
+        advantages: (B,) group advantages, or (B, K) for K rewards (METHOD.md 5,
+            ``per_reward``), each clipped here to [-adv_clip, adv_clip].
+        allocation_map: (B, *S), finite and >= 0 (any ``map_norm`` of METHOD.md 6), or
+            None for plain GRPO (M = 1).
         coef_sample, coef_output, std: (B,) tensors or floats from ``sde_coefficients``.
+        reward_weights: w (K,): a tensor or K floats, default ones. The loss is
+            sum_k w_k L_clip(A_k) + L_KL, in one pass: the ratio is shared, each reward has
+            its own clip branch (it depends on the sign of A_k).
         clip_range: PPO epsilon (default 1e-4). adv_clip: advantage bound (default 5).
         kl_coef: weight of the exact Gaussian KL to ``ref_model_output`` (needed if > 0).
         backend: ``"auto"``, ``"torch"`` (reference), ``"triton"``, ``"cpp"`` or ``"cuda"``.
@@ -246,9 +196,12 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
             instead of a new buffer; ``model_output`` is destroyed, and autograd raises if
             anything saved it for backward.
     Returns:
-        ``(loss, stats)``: loss a float32 scalar; stats a dict of detached float32 scalars:
+        ``(loss, stats)``: loss a float32 scalar; stats a dict of detached float32 scalars,
         clip_frac_low, clip_frac_high, approx_kl, ratio_mean, ratio_min, ratio_max,
-        loss_clip, loss_kl.
+        loss_clip (sum_k w_k L_clip(A_k)), loss_kl, and loss_clip_per_reward, the (K,)
+        unweighted L_clip(A_k). No device-to-host synchronisation on CUDA: a bad value
+        (NaN advantages, a negative map, ...) raises ValueError at once on the CPU and is a
+        device-side assert on CUDA.
     """
     batch, _, spatial = check_latents(model_output=model_output, sample=sample,
                                       next_sample=next_sample)
@@ -262,10 +215,8 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
         if tuple(old_log_prob.shape) != (batch,):
             raise ValueError(f"old_log_prob must have shape ({batch},) for ratio_level='sample', "
                              f"got {tuple(old_log_prob.shape)}")
-    check_float_tensor("advantages", advantages)
-    if tuple(advantages.shape) != (batch,) or advantages.device != device:
-        raise ValueError(f"advantages must have shape ({batch},) on {device}, got "
-                         f"{tuple(advantages.shape)} on {advantages.device}")
+    adv = check_advantages(advantages, batch, device)  # (B, K)
+    weights = reward_weights_tensor(reward_weights, adv.shape[1], device)
     if allocation_map is not None:
         check_per_position("allocation_map", allocation_map, batch, spatial, device)
     if kl_coef > 0:
@@ -274,26 +225,26 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
         check_latents(model_output=model_output, ref_model_output=ref_model_output)
     ref = ref_model_output if kl_coef > 0 else None
     cs, co, sd = _step_coefficients(coef_sample, coef_output, std, batch, device)
-    check_values(sd, advantages, allocation_map, old_log_prob, coef_sample=cs, coef_output=co)
+    options = dict(clip_range=float(clip_range), adv_clip=float(adv_clip),
+                   kl_coef=float(kl_coef))
+    check_coefficients(cs, co)
 
     impl = backends.resolve(backend, device)
     if impl is None:
+        check_values(sd, adv, allocation_map, old_log_prob)
         # Under torch.compile the reference runs eagerly: with kl_coef = 0, Inductor (torch
         # 2.13) returned this loss without a grad_fn (aot_eager did not); see
         # tests/test_kernels.py::test_under_torch_compile.
         run_reference = (torch.compiler.disable(_reference_loss)
                          if torch.compiler.is_compiling() else _reference_loss)
         return _flag_nonfinite(*run_reference(
-            model_output, sample, next_sample, old_log_prob, advantages, allocation_map, cs,
-            co, sd, clip_range, adv_clip, ratio_level, kl_coef, ref))
-
-    hp = {"clip_range": float(clip_range), "adv_clip": float(adv_clip), "kl_coef": float(kl_coef),
-          "ratio_level": ratio_level, "inplace_backward": bool(inplace_backward)}
+            model_output, sample, next_sample, old_log_prob, adv, allocation_map, cs, co, sd,
+            weights, ref, ratio_level, options))
     run = _kernel_loss if torch.compiler.is_compiling() else _kernel_loss_eager
-    loss, stats = run(impl, model_output, sample, next_sample, old_log_prob, advantages,
-                               allocation_map, cs, co, sd, ref, hp)
-    values = dict(zip(KERNEL_STATS, stats.unbind()))
-    return _flag_nonfinite(loss, {name: values[name] for name in STAT_NAMES})
+    loss, stats = run(impl, model_output, sample, next_sample, old_log_prob, adv, weights,
+                      allocation_map, cs, co, sd, ref, ratio_level, bool(inplace_backward),
+                      options)
+    return _flag_nonfinite(loss, _stats_dict(stats))
 
 
 def _flag_nonfinite(loss, stats):
@@ -310,26 +261,43 @@ def _flag_nonfinite(loss, stats):
     return loss + torch.where(poisoned, nan, torch.zeros_like(kl)).to(loss.dtype), stats
 
 
-def _reference_loss(model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
-                    cs, co, sd, clip_range, adv_clip, ratio_level, kl_coef, ref):
+def _stats_dict(stats: torch.Tensor) -> dict:
+    """The (N_STATS + K,) statistics vector as the public dict."""
+    values = stats[:partials.N_STATS].unbind()
+    out = {name: values[partials.STAT[name]] for name in STAT_NAMES[:-1]}
+    out["loss_clip_per_reward"] = stats[partials.N_STATS:]
+    return out
+
+
+def _reference_loss(model_output, sample, next_sample, old_log_prob, adv, allocation_map,
+                    cs, co, sd, weights, ref, ratio_level, options):
     loss, stats = reference.vipo_loss_reference(
-        model_output, sample, next_sample, old_log_prob, advantages, allocation_map,
-        coef_sample=cs, coef_output=co, std=sd, clip_range=clip_range, adv_clip=adv_clip,
-        ratio_level=ratio_level, kl_coef=kl_coef, ref_model_output=ref)
+        model_output, sample, next_sample, old_log_prob, adv, allocation_map,
+        coef_sample=cs, coef_output=co, std=sd, ratio_level=ratio_level, ref_model_output=ref,
+        reward_weights=weights, **options)
     return loss.to(torch.float32), {k: s.to(torch.float32) for k, s in stats.items()}
 
 
 # Kernel launches stay opaque to torch.compile: Dynamo would otherwise trace into the
 # launcher (and, under TRITON_INTERPRET, into the interpreter) and fail. The loss is one
 # fused memory-bound pass, so a graph break around it costs nothing worth compiling.
-def _kernel_loss_eager(impl, model_output, sample, next_sample, old_log_prob, advantages,
-                       allocation_map, cs, co, sd, ref, hp):
-    old = _bp(old_log_prob) if hp["ratio_level"] == "position" else old_log_prob.detach().float()
-    adv = advantages.detach().to(torch.float32).clamp(-hp["adv_clip"], hp["adv_clip"])  # (B,)
-    amap = _bp(allocation_map) if allocation_map is not None else None
-    return ViPOLossFunction.apply(model_output, sample.detach(), next_sample.detach(), old,
-                                  adv.contiguous(), amap, cs, co, sd,
-                                  ref.detach() if ref is not None else None, impl, hp)
+def _kernel_loss_eager(impl, model_output, sample, next_sample, old_log_prob, adv, weights,
+                       allocation_map, cs, co, sd, ref, ratio_level, inplace, options):
+    v3 = _bcp(model_output)
+    grad = (_grad_buffer(model_output, v3, inplace)
+            if model_output.requires_grad and torch.is_grad_enabled() else None)
+    # Only v3 gets a gradient (the kernels read the others' memory; the autograd wrappers
+    # return no gradient for them), so nothing here needs detaching.
+    args = (v3, _bcp(sample), _bcp(next_sample),
+            _bp(old_log_prob) if ratio_level == "position" else old_log_prob.float(),
+            adv.float().contiguous(), weights,
+            _bp(allocation_map) if allocation_map is not None else None, cs, co, sd,
+            _bcp(ref) if ref is not None else None, grad)
+    if ratio_level == "position":
+        return impl.loss_position(*args, **options)  # differentiable in v3
+    with torch.no_grad():
+        stats = _sample_level(impl, *args, **options)
+    return with_gradient(v3, stats, grad, impl.scale_grad)
 
 
 _kernel_loss = torch.compiler.disable(_kernel_loss_eager)
@@ -347,7 +315,6 @@ def _kernel_log_prob(impl, model_output, sample, next_sample, cs, co, sd):
         return impl.log_prob(_bcp(model_output), _bcp(sample), _bcp(next_sample), cs, co, sd)
 
 
-
 class ViPOLoss(torch.nn.Module):
     """``vipo_loss`` with its hyperparameters fixed at construction, for trainers that
     hold the loss as a module. ``forward`` takes the tensors and step coefficients."""
@@ -361,10 +328,12 @@ class ViPOLoss(torch.nn.Module):
                             kl_coef=kl_coef, backend=backend, inplace_backward=inplace_backward)
 
     def forward(self, model_output, sample, next_sample, old_log_prob, advantages,
-                allocation_map=None, *, coef_sample, coef_output, std, ref_model_output=None):
+                allocation_map=None, *, coef_sample, coef_output, std, reward_weights=None,
+                ref_model_output=None):
         return vipo_loss(model_output, sample, next_sample, old_log_prob, advantages,
                          allocation_map, coef_sample=coef_sample, coef_output=coef_output, std=std,
-                         ref_model_output=ref_model_output, **self.options)
+                         reward_weights=reward_weights, ref_model_output=ref_model_output,
+                         **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -26,6 +26,7 @@ STAT_NAMES = (
     "ratio_max",
     "loss_clip",
     "loss_kl",
+    "loss_clip_per_reward",
 )
 
 
@@ -112,20 +113,45 @@ def sde_step_reference(model_output, sample, noise, *, coef_sample, coef_output,
     return next_sample, logp
 
 
-def _clipped_surrogate(dense_adv, ratio, clip_range):
+def clipped_surrogate(dense_adv, ratio, clip_range):
     """max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), elementwise."""
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(-dense_adv * ratio, -dense_adv * clipped)
 
 
+def per_reward_clip_losses(advantages, allocation, ratio, clip_range):
+    """(K,) L_clip(A_k) = mean of max(-A_k M rho, -A_k M clip(rho)), one per reward column
+    of the clipped (B, K) ``advantages``. ``allocation`` (the map M, or its per-sample mean
+    at the sample level, where M factors out) and ``ratio`` share one shape (B, ...)."""
+    view = (-1,) + (1,) * (ratio.dim() - 1)
+    return torch.stack([clipped_surrogate(advantages[:, k].reshape(view) * allocation, ratio,
+                                          clip_range).mean()
+                        for k in range(advantages.shape[1])])
+
+
+def ratio_statistics(log_ratio, clip_range) -> dict:
+    """The ratio statistics of METHOD.md 4 over the ratios of the active level."""
+    ratio = torch.exp(log_ratio)
+    return {
+        "clip_frac_low": (ratio < 1.0 - clip_range).to(log_ratio.dtype).mean(),
+        "clip_frac_high": (ratio > 1.0 + clip_range).to(log_ratio.dtype).mean(),
+        "approx_kl": 0.5 * (log_ratio**2).mean(),
+        "ratio_mean": ratio.mean(),
+        "ratio_min": ratio.min(),
+        "ratio_max": ratio.max(),
+    }
+
+
 def vipo_loss_reference(model_output, sample, next_sample, old_log_prob, advantages,
                         allocation_map=None, *, coef_sample, coef_output, std, clip_range=1e-4,
                         adv_clip=5.0, ratio_level="position", kl_coef=0.0,
-                        ref_model_output=None):
-    """ViPO/GRPO clipped loss, METHOD.md section 4. Returns (loss, stats).
+                        ref_model_output=None, reward_weights=None):
+    """ViPO/GRPO clipped loss, METHOD.md sections 4-5. Returns (loss, stats).
 
-    The loss is differentiable in ``model_output`` only: every other input is
-    detached here, as the spec treats it as a constant.
+    ``advantages`` (B,) or (B, K): L = sum_k w_k L_clip(A_k) + L_KL with ``reward_weights``
+    w (K floats or a (K,) tensor, default ones): the ratio is shared, each reward has its
+    own clip branch. The loss is differentiable in ``model_output`` only: every other
+    input is detached here, as the spec treats it as a constant.
     """
     dtype = compute_dtype(model_output, sample, next_sample, old_log_prob, advantages,
                           allocation_map, coef_sample, coef_output, std, ref_model_output)
@@ -134,10 +160,11 @@ def vipo_loss_reference(model_output, sample, next_sample, old_log_prob, advanta
     spatial = sample.shape[2:]
     elem = elementwise_log_prob(model_output, sample, next_sample, coef_sample, coef_output, std)
 
-    adv = torch.clamp(advantages.detach().to(dtype), -adv_clip, adv_clip)
+    adv = torch.clamp(advantages.detach().to(dtype).reshape(batch, -1), -adv_clip, adv_clip)
+    weights = torch.as_tensor([1.0] * adv.shape[1] if reward_weights is None else reward_weights,
+                              dtype=dtype, device=sample.device)
     amap = (torch.ones(batch, *spatial, dtype=dtype, device=sample.device)
             if allocation_map is None else allocation_map.detach().to(dtype))  # (B, *S)
-    dense_adv = adv.reshape(batch, *([1] * len(spatial))) * amap  # (B, *S)
     old = old_log_prob.detach().to(dtype)
 
     if ratio_level == "position":
@@ -149,7 +176,8 @@ def vipo_loss_reference(model_output, sample, next_sample, old_log_prob, advanta
     else:
         raise ValueError(f"ratio_level must be 'position' or 'sample', got {ratio_level!r}")
 
-    loss_clip = _clipped_surrogate(dense_adv, ratio_for_loss, clip_range).mean()
+    per_reward = per_reward_clip_losses(adv, amap, ratio_for_loss.expand_as(amap), clip_range)
+    loss_clip = (weights * per_reward).sum()
 
     loss_kl = torch.zeros((), dtype=dtype, device=sample.device)
     if kl_coef != 0.0:
@@ -160,16 +188,8 @@ def vipo_loss_reference(model_output, sample, next_sample, old_log_prob, advanta
         loss_kl = kl_coef * kl_elem.sum(dim=1).mean()
 
     with torch.no_grad():
-        ratio = torch.exp(log_ratio)
-        stats = {
-            "clip_frac_low": (ratio < 1.0 - clip_range).to(dtype).mean(),
-            "clip_frac_high": (ratio > 1.0 + clip_range).to(dtype).mean(),
-            "approx_kl": 0.5 * (log_ratio**2).mean(),
-            "ratio_mean": ratio.mean(),
-            "ratio_min": ratio.min(),
-            "ratio_max": ratio.max(),
-            "loss_clip": loss_clip.detach(),
-            "loss_kl": loss_kl.detach(),
-        }
+        stats = ratio_statistics(log_ratio, clip_range)
+        stats.update(loss_clip=loss_clip.detach(), loss_kl=loss_kl.detach(),
+                     loss_clip_per_reward=per_reward.detach())
     loss = loss_clip + loss_kl
     return loss, stats

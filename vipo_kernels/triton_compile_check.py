@@ -52,11 +52,12 @@ def variants():
         yield tb._gaussian_step_kernel, {"SAMPLE_NOISE": sample_noise, **BLOCK}
     for has_map, has_ref, write_grad in itertools.product((True, False), repeat=3):
         yield tb._vipo_loss_position_kernel, {
-            "CLIP_RANGE": 1e-4, "KL_COEF": 0.1, "HAS_MAP": has_map, "HAS_REF": has_ref,
-            "WRITE_GRAD": write_grad, **BLOCK}
+            "CLIP_RANGE": 1e-4, "ADV_CLIP": 5.0, "KL_COEF": 0.1, "HAS_MAP": has_map,
+            "HAS_REF": has_ref, "WRITE_GRAD": write_grad, **BLOCK}
     for has_ref, write_grad in itertools.product((True, False), repeat=2):
         yield tb._vipo_grad_sample_kernel, {"KL_COEF": 0.1, "HAS_REF": has_ref,
                                             "WRITE_GRAD": write_grad, **BLOCK}
+    yield tb._scale_grad_kernel, {"BLOCK": 4096}
 
 
 def compile_all(archs=(80, 90), dtypes=("fp32", "bf16"), log=print) -> int:

@@ -1,8 +1,9 @@
 """Argument checks shared by every backend.
 
-Every message names the argument. Checks on tensor *values* (std > 0, map in
-[0, 1], finite advantages) are batched into one device-to-host copy, so a CUDA
-call pays a single synchronisation for all of them.
+Every message names the argument. Checks on tensor *values* (std > 0, a map finite and
+>= 0, finite advantages and old log-probs) run on the tensors' device and make no
+device-to-host synchronisation on CUDA (``require``); the kernel paths make them inside the
+kernel pass that reads the values (see ``partials``), the reference path here.
 """
 
 from __future__ import annotations
@@ -82,38 +83,89 @@ def check_hyperparameters(clip_range, adv_clip, kl_coef) -> None:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
 
 
+# The value checks' messages, one per argument; csrc/partials.h repeats them for the C++
+# reduction, and the tests match both.
+MESSAGES = {
+    "std": "std must be finite and > 0",
+    "advantages": "advantages contains NaN or inf",
+    "allocation_map": "allocation_map must be finite and >= 0",
+    "old_log_prob": "old_log_prob contains NaN or inf",
+}
+
+
+def require(ok: torch.Tensor, message: str) -> None:
+    """Raises ValueError(message) unless the bool tensor ``ok`` is true. On the CPU at
+    once; on CUDA asynchronously (``torch._assert_async``, a device-side assert at a later
+    launch), because reading the flag would stall the pipeline on every call."""
+    if ok.device.type == "cuda":
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def check_std(std: torch.Tensor) -> None:
+    require(torch.isfinite(std).all() & (std > 0).all(), MESSAGES["std"])
+
+
+def check_coefficients(coef_sample: torch.Tensor | None,
+                       coef_output: torch.Tensor | None) -> None:
+    """Non-finite step coefficients would give a finite-looking loss with a NaN gradient
+    (issue 10), so they are an error naming the coefficient."""
+    for name, value in (("coef_sample", coef_sample), ("coef_output", coef_output)):
+        if value is not None:
+            require(torch.isfinite(value).all(), f"{name} contains NaN or inf")
+
+
 def check_values(std: torch.Tensor, advantages: torch.Tensor | None = None,
                  allocation_map: torch.Tensor | None = None,
                  old_log_prob: torch.Tensor | None = None, *,
                  coef_sample: torch.Tensor | None = None,
                  coef_output: torch.Tensor | None = None) -> None:
-    """One host sync for every value check; raises naming the first bad argument.
-
-    Each tensor is reduced once or twice: NaN and inf propagate through ``sum``, ``amin``
-    and ``amax``, so a non-finite sum or an extremum outside the range flags the tensor
-    (a sum of finite values too large to represent is flagged as well)."""
-    reductions = [std.amin(), std.sum()]
-    coefficients = [(n, c) for n, c in (("coef_sample", coef_sample),
-                                        ("coef_output", coef_output)) if c is not None]
-    reductions.extend(c.sum() for _, c in coefficients)
+    """The value checks of the reference path, on the tensors' device."""
+    check_std(std)
+    check_coefficients(coef_sample, coef_output)
     if advantages is not None:
-        reductions.append(advantages.sum())
+        require(torch.isfinite(advantages).all(), MESSAGES["advantages"])
     if allocation_map is not None:
-        reductions.extend(torch.aminmax(allocation_map))
+        require((torch.isfinite(allocation_map) & (allocation_map >= 0)).all(),
+                MESSAGES["allocation_map"])
     if old_log_prob is not None:
-        reductions.append(old_log_prob.sum())
-    values = iter(torch.stack(reductions).tolist())  # stack promotes mixed dtypes
-    std_min, std_sum = next(values), next(values)
-    if not (std_min > 0 and math.isfinite(std_sum)):
-        raise ValueError("std must be finite and > 0")
-    for name, _ in coefficients:
-        if not math.isfinite(next(values)):
-            raise ValueError(f"{name} contains NaN or inf")
-    if advantages is not None and not math.isfinite(next(values)):
-        raise ValueError("advantages contains NaN or inf")
-    if allocation_map is not None:
-        low, high = next(values), next(values)
-        if not (low >= 0 and high <= 1):  # False for NaN too
-            raise ValueError("allocation_map must lie in [0, 1] (and not be NaN)")
-    if old_log_prob is not None and not math.isfinite(next(values)):
-        raise ValueError("old_log_prob contains NaN or inf")
+        require(torch.isfinite(old_log_prob).all(), MESSAGES["old_log_prob"])
+
+
+def check_advantages(advantages, batch: int, device) -> torch.Tensor:
+    """(B,) or (B, K) advantages -> a (B, K) view."""
+    check_float_tensor("advantages", advantages)
+    if advantages.device != device:
+        raise ValueError(f"advantages is on {advantages.device} but the latents are on {device}")
+    if advantages.dim() not in (1, 2) or advantages.shape[0] != batch or advantages.numel() == 0:
+        raise ValueError(f"advantages must have shape ({batch},) or ({batch}, K), got "
+                         f"{tuple(advantages.shape)}")
+    return advantages.reshape(batch, -1)
+
+
+_weights_cache: dict[tuple, torch.Tensor] = {}
+
+
+def reward_weights_tensor(reward_weights, rewards: int, device) -> torch.Tensor:
+    """None (all ones), a (K,) tensor or a sequence of K floats -> (K,) float32 on
+    ``device``. Sequences and the default are cached per device, because building a tensor
+    from host values is a host-to-device copy (which CUDA's sync debug mode reports)."""
+    if isinstance(reward_weights, torch.Tensor):
+        check_float_tensor("reward_weights", reward_weights)
+        if tuple(reward_weights.shape) != (rewards,) or reward_weights.device != device:
+            raise ValueError(f"reward_weights must have shape ({rewards},) on {device}, got "
+                             f"{tuple(reward_weights.shape)} on {reward_weights.device}")
+        require(torch.isfinite(reward_weights).all(), "reward_weights contains NaN or inf")
+        return reward_weights.detach().to(torch.float32).contiguous()
+    values = (1.0,) * rewards if reward_weights is None else tuple(reward_weights)
+    if len(values) != rewards or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                         and math.isfinite(w) for w in values):
+        raise ValueError(f"reward_weights must be {rewards} finite floats (one per advantage "
+                         f"column), got {reward_weights!r}")
+    key = (values, device)
+    if key not in _weights_cache:
+        if len(_weights_cache) > 64:
+            _weights_cache.clear()
+        _weights_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _weights_cache[key]

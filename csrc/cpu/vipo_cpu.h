@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../partials.h"
 #include "convert.h"
 
 namespace vipo {
@@ -42,20 +43,35 @@ void gaussian_step_cpu(void* next_out, DType next_dtype, int64_t next_stride_b,
                        int64_t next_stride_c, float* logp_out, Latent v, Latent z, Latent x,
                        StepCoefficients coef, Sizes sizes, bool sample_noise, int num_threads);
 
-// partials_out: (B, K, 8) fp32, per block [surrogate sum, KL sum, #ratio < 1-eps,
-//   #ratio > 1+eps, sum log(ratio)^2, sum ratio, min ratio, max ratio].
-// grad_out: (B, C, P) contiguous of grad_dtype, or null; may alias v (read before write).
+// The advantages of the fused loss: (B, K) fp32 raw values A, clipped in the kernel to
+// [-adv_clip, adv_clip], and the (K,) fp32 reward weights w.
+struct Advantages {
+  const float* values;
+  const float* weights;
+  int64_t K;
+  float adv_clip;
+};
+
+// partials_out: (B, n_blocks, partial::kCount) fp32, one row per block (csrc/partials.h).
+// grad_out: (B, C, P) contiguous of grad_dtype, or null; may alias v (read before write);
+//   dL/dv = sum_k w_k dL_clip(A_k)/dv + dL_KL/dv, with the 1/(B|P|) of the mean.
 // ref: reference model output or ptr == null. old, amap: (B, P) fp32 (amap may be null).
-// adv: (B,) fp32, already clipped to +-adv_clip.
 void loss_position_cpu(float* partials_out, void* grad_out, DType grad_dtype, Latent v, Latent z,
                        Latent x, Latent ref, const float* old, const float* amap,
-                       const float* adv, StepCoefficients coef, Sizes sizes, double clip_range,
-                       float kl_coef, float grad_scale, int num_threads);
+                       Advantages adv, StepCoefficients coef, Sizes sizes, double clip_range,
+                       float kl_coef, int num_threads);
+
+// The partials (B, n_blocks, partial::kCount) -> stats_out (stat::kCount + K,) fp32, the
+// statistics then the unweighted clip loss of each reward; sums in double, in a fixed order.
+// Returns null, or the message of the first bad input (std, advantages, old, map).
+const char* reduce_partials_cpu(const float* partials, int64_t B, int64_t n_blocks,
+                                int64_t positions, Advantages adv, const float* std,
+                                double kl_coef, float* stats_out);
 
 // kl_out: (B, K) fp32 per-block sums of (mu - mu_ref)^2 / (2 std^2) (zeros without ref).
-// grad_out as above: dlogp[b] * dl/dv + kl_coef * grad_scale * dKL/dv.
+// grad_out as above: dlogp[b] * dl/dv + kl_coef / (B|P|) * dKL/dv.
 void grad_sample_cpu(float* kl_out, void* grad_out, DType grad_dtype, Latent v, Latent z,
                      Latent x, Latent ref, const float* dlogp, StepCoefficients coef,
-                     Sizes sizes, float kl_coef, float grad_scale, int num_threads);
+                     Sizes sizes, float kl_coef, int num_threads);
 
 }  // namespace vipo

@@ -85,23 +85,24 @@ __device__ __forceinline__ Tile tile(int64_t n_blocks, int64_t block_p) {
   return t;
 }
 
-// Reduces N values per thread over the block: kSum sums, then one min and one max when
-// kMinMax. A fixed shuffle tree then a fixed pass over warps, so the result does not
-// depend on scheduling. Returns the totals in thread 0's array (others: unspecified).
-template <int N, bool kMinMax>
+// Reduces N values per thread over the block: a min at index kMin, a max at index kMax (-1:
+// none), sums elsewhere. A fixed shuffle tree then a fixed pass over warps, so the result
+// does not depend on scheduling. Returns the totals in thread 0's array (others: unspecified).
+template <int N, int kMin, int kMax>
+__device__ __forceinline__ float combine(int k, float a, float b) {
+  return k == kMin ? fminf(a, b) : (k == kMax ? fmaxf(a, b) : a + b);
+}
+
+template <int N, int kMin, int kMax>
 __device__ __forceinline__ void block_reduce(float (&vals)[N]) {
-  constexpr int kSums = kMinMax ? N - 2 : N;
   __shared__ float shared[kMaxThreadsPerBlock / 32][N];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int n_warps = (blockDim.x + 31) / 32;
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float other = __shfl_xor_sync(0xffffffffu, vals[k], offset);
-      vals[k] = k < kSums ? vals[k] + other : (k == kSums ? fminf(vals[k], other)
-                                                            : fmaxf(vals[k], other));
-    }
+    for (int k = 0; k < N; ++k)
+      vals[k] = combine<N, kMin, kMax>(k, vals[k], __shfl_xor_sync(0xffffffffu, vals[k], offset));
   }
   if (lane == 0) {
 #pragma unroll
@@ -111,11 +112,7 @@ __device__ __forceinline__ void block_reduce(float (&vals)[N]) {
   if (threadIdx.x == 0) {
     for (int w = 1; w < n_warps; ++w) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float other = shared[w][k];
-        vals[k] = k < kSums ? vals[k] + other : (k == kSums ? fminf(vals[k], other)
-                                                              : fmaxf(vals[k], other));
-      }
+      for (int k = 0; k < N; ++k) vals[k] = combine<N, kMin, kMax>(k, vals[k], shared[w][k]);
     }
   }
 }

@@ -1,14 +1,16 @@
-// CUDA fused ViPO loss, forward and backward in one launch (METHOD.md section 4); host API
-// in vipo_cuda.h. Mirrors _vipo_loss_position_kernel / _vipo_grad_sample_kernel of
-// vipo_kernels/triton_backend.py and csrc/cpu/loss_cpu.cpp.
+// CUDA fused ViPO loss, forward and backward in one launch (METHOD.md sections 4-5), and the
+// upstream-gradient scaling of backward; host API in vipo_cuda.h. Mirrors
+// _vipo_loss_position_kernel / _vipo_grad_sample_kernel of vipo_kernels/triton_backend.py
+// and csrc/cpu/loss_cpu.cpp.
 //
-// Each thread block reduces its statistics in shared memory and writes one row of
-// partials; the final sum over blocks is in vipo_kernels/functional.py (shared by every
-// backend), so there are no atomics and the result is deterministic.
+// Each thread block reduces its partials (csrc/partials.h) in shared memory and writes one
+// row; the sum over blocks is vipo_kernels/partials.py's reduce_partials (torch ops on the
+// device, no host sync), so there are no atomics and the result is deterministic.
 //
 // The gradient sweep reads v, z, x (and ref) a second time instead of keeping the block's
 // diff for every channel in registers (C is a runtime size); the second read is of data
 // this thread block read moments before, so it is served by L2, not HBM.
+#include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
@@ -23,12 +25,31 @@ struct LatentPtrs {
       r_stride_b, r_stride_c;
 };
 
+// sum_k w_k clip(A_k) over the rewards with A_k > 0 (pos) and A_k < 0 (neg): since M >= 0,
+// reward k's clip branch depends only on the sign of A_k (csrc/cpu/loss_cpu.cpp).
+struct SignedAdvantage {
+  float pos, neg;
+};
+
+__device__ __forceinline__ float clip_advantage(float a, float bound) {
+  return fminf(fmaxf(a, -bound), bound);
+}
+
+__device__ __forceinline__ SignedAdvantage signed_advantage(const CudaAdvantages& adv, int64_t b) {
+  double pos = 0.0, neg = 0.0;
+  for (int64_t k = 0; k < adv.K; ++k) {
+    const double a = clip_advantage(adv.values[b * adv.K + k], adv.adv_clip);
+    if (a > 0) pos += adv.weights[k] * a; else neg += adv.weights[k] * a;
+  }
+  return {static_cast<float>(pos), static_cast<float>(neg)};
+}
+
 template <typename TV, typename TZ>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     loss_position_kernel(float* __restrict__ partials_out, TV* grad, const TV* v, const TZ* z,
                          const TZ* x, const TV* ref, LatentPtrs st,
                          const float* __restrict__ old, const float* __restrict__ amap,
-                         const float* __restrict__ adv_ptr, const float* __restrict__ cs_ptr,
+                         CudaAdvantages adv, const float* __restrict__ cs_ptr,
                          const float* __restrict__ co_ptr, const float* __restrict__ std_ptr,
                          int64_t C, int64_t P, int64_t n_blocks, int64_t block_p, float lo,
                          float hi, float kl_coef, float grad_scale, bool aligned,
@@ -68,43 +89,45 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
   }
 
-  // Per position: ratio, PPO clip, dL/dl(p). The unclipped branch carries the gradient where
-  // it is the max, and inside the clip range where both branches coincide.
+  // Per position: ratio, every reward's clip, dL/dl(p), the partials (csrc/partials.h).
   const double norm = static_cast<double>(C) * (log(static_cast<double>(sd)) +
                                                 cuda_detail::kHalfLog2Pi);
   const double half_inv_var = 0.5 / (static_cast<double>(sd) * sd);
-  const float a = adv_ptr[t.b];
-  // [surrogate, KL, #low, #high, sum log_ratio^2, sum ratio, min ratio, max ratio]
-  float stats[kNumStats] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, INFINITY, -INFINITY};
+  const SignedAdvantage a = signed_advantage(adv, t.b);
+  float stats[partial::kCount] = {};
+  stats[partial::kRatioMin] = INFINITY;
+  stats[partial::kRatioMax] = -INFINITY;
   float dlogp[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     dlogp[i] = 0.0f;
     const int64_t p = t.p + i;
     if (p >= P) continue;
-    const float log_ratio = static_cast<float>(-half_inv_var * sq[i] - norm - old[t.b * P + p]);
+    const float old_p = old[t.b * P + p];
+    const float log_ratio = static_cast<float>(-half_inv_var * sq[i] - norm - old_p);
     const float ratio = expf(log_ratio);
-    const float dense_adv = amap != nullptr ? a * amap[t.b * P + p] : a;
-    const float clipped = fminf(fmaxf(ratio, lo), hi);
-    const float unclipped_term = -dense_adv * ratio;
-    const float clipped_term = -dense_adv * clipped;
-    const bool inside = ratio >= lo && ratio <= hi;
-    const bool active = unclipped_term > clipped_term || inside;
-    dlogp[i] = active ? unclipped_term * grad_scale : 0.0f;  // dL/dl(p) = -A^p rho / (B|P|)
-    stats[0] += fmaxf(unclipped_term, clipped_term);
-    stats[1] += static_cast<float>(half_inv_var * kl[i]);
-    stats[2] += ratio < lo ? 1.0f : 0.0f;
-    stats[3] += ratio > hi ? 1.0f : 0.0f;
-    stats[4] += log_ratio * log_ratio;
-    stats[5] += ratio;
-    stats[6] = fminf(stats[6], ratio);
-    stats[7] = fmaxf(stats[7], ratio);
+    const float m = amap != nullptr ? amap[t.b * P + p] : 1.0f;
+    // Reward k's unclipped branch carries the gradient for rho <= 1 + eps if A_k > 0 and for
+    // rho >= 1 - eps if A_k < 0; dL/dl(p) = -w A M rho / (B|P|).
+    const float coef = (ratio <= hi ? a.pos : 0.0f) + (ratio >= lo ? a.neg : 0.0f);
+    dlogp[i] = -m * ratio * coef * grad_scale;
+    stats[partial::kSurrogateUpper] += m * fminf(ratio, hi);
+    stats[partial::kSurrogateLower] += m * fmaxf(ratio, lo);
+    stats[partial::kKL] += static_cast<float>(half_inv_var * kl[i]);
+    stats[partial::kNLow] += ratio < lo ? 1.0f : 0.0f;
+    stats[partial::kNHigh] += ratio > hi ? 1.0f : 0.0f;
+    stats[partial::kLogRatioSq] += log_ratio * log_ratio;
+    stats[partial::kRatioSum] += ratio;
+    stats[partial::kRatioMin] = fminf(stats[partial::kRatioMin], ratio);
+    stats[partial::kRatioMax] = fmaxf(stats[partial::kRatioMax], ratio);
+    stats[partial::kBadOld] += isfinite(old_p) ? 0.0f : 1.0f;
+    stats[partial::kBadMap] += (m >= 0.0f && isfinite(m)) ? 0.0f : 1.0f;
   }
-  cuda_detail::block_reduce<kNumStats, true>(stats);
+  cuda_detail::block_reduce<partial::kCount, partial::kRatioMin, partial::kRatioMax>(stats);
   if (threadIdx.x == 0) {
-    float* out = partials_out + (t.b * n_blocks + t.block) * kNumStats;
+    float* out = partials_out + (t.b * n_blocks + t.block) * partial::kCount;
 #pragma unroll
-    for (int k = 0; k < kNumStats; ++k) out[k] = stats[k];
+    for (int k = 0; k < partial::kCount; ++k) out[k] = stats[k];
   }
 
   // Sweep 2: dl(p)/dv_c = co (x - mu) / std^2, plus kl_coef co (mu - mu_ref) / std^2 scaled
@@ -176,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock)
     }
   }
   float sums[1] = {static_cast<float>(0.5 / (static_cast<double>(sd) * sd) * kl)};
-  cuda_detail::block_reduce<1, false>(sums);
+  cuda_detail::block_reduce<1, -1, -1>(sums);
   if (threadIdx.x == 0) kl_out[t.b * n_blocks + t.block] = sums[0];
 }
 
@@ -195,13 +218,41 @@ bool inputs_aligned(const CudaLatent& v, const CudaLatent& z, const CudaLatent& 
          cuda_detail::pack_aligned<TV>(ref.ptr, ref.stride_b, ref.stride_c);
 }
 
+// The mean's 1/(B|P|).
+float mean_grad_scale(const CudaStep& s) {
+  return static_cast<float>(1.0 / (static_cast<double>(s.B) * static_cast<double>(s.P)));
+}
+
+template <typename T>
+__global__ void scale_grad_kernel(T* grad, int64_t n, const float* __restrict__ dloss) {
+  const float scale = *dloss;
+  if (scale == 1.0f) return;  // the common case: no pass over the gradient
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    grad[i] = cuda_detail::from_float<T>(cuda_detail::to_float(grad[i]) * scale);
+}
+
 }  // namespace
+
+cudaError_t launch_scale_grad(void* grad, DType dtype, int64_t n, const float* dloss,
+                              cudaStream_t stream) {
+  if (n < 1) return cudaSuccess;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 4096);
+  return cuda_detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    scale_grad_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        static_cast<T*>(grad), n, dloss);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t launch_loss_position(float* partials_out, void* grad_out, CudaLatent v,
                                  CudaLatent z, CudaLatent x, CudaLatent ref, const float* old,
-                                 const float* amap, const float* adv, DType v_dtype,
+                                 const float* amap, CudaAdvantages adv, DType v_dtype,
                                  DType z_dtype, CudaStep s, double clip_range, float kl_coef,
-                                 float grad_scale, cudaStream_t stream) {
+                                 cudaStream_t stream) {
+  const float grad_scale = mean_grad_scale(s);
   int64_t n_blocks;
   dim3 grid, block;
   cudaError_t err = cuda_detail::grid_for(s, &n_blocks, &grid, &block);
@@ -228,8 +279,8 @@ cudaError_t launch_loss_position(float* partials_out, void* grad_out, CudaLatent
 
 cudaError_t launch_grad_sample(float* kl_out, void* grad_out, CudaLatent v, CudaLatent z,
                                CudaLatent x, CudaLatent ref, const float* dlogp, DType v_dtype,
-                               DType z_dtype, CudaStep s, float kl_coef, float grad_scale,
-                               cudaStream_t stream) {
+                               DType z_dtype, CudaStep s, float kl_coef, cudaStream_t stream) {
+  const float grad_scale = mean_grad_scale(s);
   int64_t n_blocks;
   dim3 grid, block;
   cudaError_t err = cuda_detail::grid_for(s, &n_blocks, &grid, &block);

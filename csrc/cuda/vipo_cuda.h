@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "../dtype.h"
+#include "../partials.h"
 
 namespace vipo {
 
@@ -47,21 +48,33 @@ cudaError_t launch_gaussian_step(void* next_out, int64_t next_stride_b, int64_t 
                                  DType v_dtype, DType z_dtype, CudaStep step,
                                  bool sample_noise, cudaStream_t stream);
 
-// partials_out: (B, K, 8) fp32 with K = ceil(P / block_p), per block [surrogate sum, KL sum,
-// #ratio < 1-eps, #ratio > 1+eps, sum log(ratio)^2, sum ratio, min ratio, max ratio].
-// grad_out: (B, C, P) contiguous in v's dtype, or null; may alias v (read before write).
-// ref.ptr may be null; amap may be null; old, amap (B, P) and adv (B,) fp32.
+// The fused loss's advantages: (B, K) fp32 raw values, clipped in the kernel to
+// [-adv_clip, adv_clip], and the (K,) fp32 reward weights.
+struct CudaAdvantages {
+  const float* values;
+  const float* weights;
+  int64_t K;
+  float adv_clip;
+};
+
+// partials_out: (B, n_blocks, partial::kCount) fp32 with n_blocks = ceil(P / block_p), the
+// columns of ../partials.h. grad_out: (B, C, P) contiguous in v's dtype, or null; may alias v
+// (read before write). ref.ptr may be null; amap may be null; old, amap (B, P) fp32.
 cudaError_t launch_loss_position(float* partials_out, void* grad_out, CudaLatent v,
                                  CudaLatent z, CudaLatent x, CudaLatent ref, const float* old,
-                                 const float* amap, const float* adv, DType v_dtype,
+                                 const float* amap, CudaAdvantages adv, DType v_dtype,
                                  DType z_dtype, CudaStep step, double clip_range,
-                                 float kl_coef, float grad_scale, cudaStream_t stream);
+                                 float kl_coef, cudaStream_t stream);
 
-// kl_out: (B, K) fp32 per-block sums of (mu - mu_ref)^2 / (2 std^2), zeros without ref.
-// grad_out: dlogp[b] co (x - mu) / std^2 + kl_coef grad_scale co (mu - mu_ref) / std^2.
+// kl_out: (B, n_blocks) fp32 per-block sums of (mu - mu_ref)^2 / (2 std^2), zeros without ref.
+// grad_out: dlogp[b] co (x - mu) / std^2 + kl_coef / (B P) co (mu - mu_ref) / std^2.
 cudaError_t launch_grad_sample(float* kl_out, void* grad_out, CudaLatent v, CudaLatent z,
                                CudaLatent x, CudaLatent ref, const float* dlogp, DType v_dtype,
-                               DType z_dtype, CudaStep step, float kl_coef, float grad_scale,
-                               cudaStream_t stream);
+                               DType z_dtype, CudaStep step, float kl_coef, cudaStream_t stream);
+
+// grad (n contiguous elements of dtype) *= *dloss, unless *dloss == 1: the value is read by
+// the kernel, so the host never waits for it.
+cudaError_t launch_scale_grad(void* grad, DType dtype, int64_t n, const float* dloss,
+                              cudaStream_t stream);
 
 }  // namespace vipo
