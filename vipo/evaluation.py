@@ -13,16 +13,14 @@ and the last grid and ``eval_curves.png`` plots the metrics.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 
 import torch
 
+from .faults import warn_on_failure
 from .logging_utils import MetricsLogger, save_grid, save_labelled_grids
 from .prompts import load_prompts, spread
 from .rewards import build_reward, score_media
-
-logger = logging.getLogger("vipo")
 
 
 def eval_prompt_list(eval_cfg) -> list:
@@ -78,7 +76,9 @@ class EvalPhase:
             self.metrics.log(iteration, row)
             frames = media[:, 0] if media.dim() == 5 else media
             self.grids.append(frames.cpu())
-            _try_save(frames, self.folder / f"iter{iteration:06d}.png", self._per_row())
+            path = self.folder / f"iter{iteration:06d}.png"
+            with warn_on_failure(str(path)):
+                save_grid(frames, path, nrow=self._per_row())
         return row
 
     def score(self, media: torch.Tensor) -> dict:
@@ -104,14 +104,17 @@ class EvalPhase:
         self.metrics.close()
         if len(self.grids) >= 2:
             first, last = self.rows[0]["iteration"], self.rows[-1]["iteration"]
-            _try_save_labelled([(f"before (iteration {first})", self.grids[0]),
-                                (f"after (iteration {last})", self.grids[-1])],
-                               self.folder / "before_after.png", self._per_row())
+            path = self.folder / "before_after.png"
+            with warn_on_failure(str(path)):
+                save_labelled_grids([(f"before (iteration {first})", self.grids[0]),
+                                     (f"after (iteration {last})", self.grids[-1])],
+                                    path, nrow=self._per_row())
         from .plots import plot_curves
 
         if self.rows:
             keys = [k for k in self.rows[0] if k != "iteration"]
-            plot_curves(self.metrics.path, self.folder.parent / "eval_curves.png", keys)
+            with warn_on_failure("eval_curves.png"):
+                plot_curves(self.metrics.path, self.folder.parent / "eval_curves.png", keys)
 
     def summary(self) -> str:
         """First -> last value of each eval metric, for the closing line."""
@@ -120,18 +123,3 @@ class EvalPhase:
         first, last = self.rows[0], self.rows[-1]
         return "; eval " + ", ".join(f"{k[5:]} {first[k]:.3f} -> {last[k]:.3f}"
                                      for k in first if k != "iteration")
-
-
-def _try_save(images, path, nrow: int) -> None:
-    """A picture that cannot be written costs a warning, never the run."""
-    try:
-        save_grid(images, path, nrow=nrow)
-    except OSError as err:
-        logger.warning("could not write %s (%s); training goes on", path, err)
-
-
-def _try_save_labelled(panels, path, nrow: int) -> None:
-    try:
-        save_labelled_grids(panels, path, nrow=nrow)
-    except OSError as err:
-        logger.warning("could not write %s (%s); training goes on", path, err)
