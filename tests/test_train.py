@@ -345,7 +345,6 @@ def test_vipo_mean_one_maps_sum_rewards_batch_std(worlds, tmp_path):
     assert rows[0]["map_mean"] < 1  # raw min-max maps are logged; the loss sees M / mean M
 
 
-@needs_psm
 @pytest.mark.parametrize("map_norm", ["minmax", "mean_one", "floor"])
 def test_trainer_passes_maps_and_advantages_unchanged(worlds, tmp_path, monkeypatch, map_norm):
     """One vipo_loss call per trained step, with the (B, K) advantages as group_advantages
