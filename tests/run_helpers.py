@@ -36,10 +36,9 @@ TRAIN = [sys.executable, "-m", "vipo.train"]
 
 def reset_accelerate() -> None:
     """Each in-process run builds its own Accelerator; accelerate keeps singletons."""
-    from accelerate.state import AcceleratorState, GradientState
+    from vipo.distributed import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @contextlib.contextmanager

@@ -191,13 +191,11 @@ def test_toy_fidelity_reward_and_its_details(evaluator):
 
 # ---- the evaluation phase -------------------------------------------------------------------
 def test_evaluation_phase_is_deterministic(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
     from vipo.config import Config
+    from vipo.distributed import reset_accelerate_state
     from vipo.train import Trainer
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     cfg = Config.from_name("toy")
     cfg.update({"iterations": 1, "eval_samples": 4, "output_dir": str(tmp_path),
                 "run_name": "eval", "progress": False, "tensorboard": False})

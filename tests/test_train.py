@@ -15,6 +15,7 @@ import torch
 
 from vipo import tiny
 from vipo.config import Config
+from vipo.distributed import reset_accelerate_state
 from vipo.logging_utils import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,10 +247,7 @@ def test_sample_level_all_ones_map_equals_grpo(worlds, tmp_path):
         ones = torch.ones(roll.num_samples, *trainer.adapter.latent_shape()[1:])
         stats = trainer.optimize(roll, adv, ones if use_map else None)
         results.append((snapshot(trainer.adapter.transformer), stats))
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     (w0, s0), (w1, s1) = results
     assert s0["loss"] != 0 and s0["grad_norm"] > 0
     for key in w0:
@@ -321,10 +319,7 @@ def test_nonfinite_reward_drops_the_group(worlds, tmp_path, monkeypatch):
     trainer, result, *rest = run_two_steps(cfg)
     rows = check_run(trainer, result, *rest)
     assert all(r["dropped_groups"] == 1 for r in rows)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     from vipo.train import Trainer
 
     trainer = Trainer(make_cfg("sd3", worlds, tmp_path, reward=["nan_reward:factory"],

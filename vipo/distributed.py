@@ -113,3 +113,12 @@ def reduce_stats(acc, stats: dict) -> dict:
         out[key] = float(values.min() if key in _LOWEST else
                          values.max() if key in _HIGHEST else values.mean())
     return out
+
+
+def reset_accelerate_state() -> None:
+    """Forgets accelerate's process-wide singletons, so that a second Trainer in the same
+    process (vipo.experiments.compare, the tests) builds a fresh Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

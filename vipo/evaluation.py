@@ -18,9 +18,9 @@ import math
 import torch
 
 from .faults import warn_on_failure
-from .logging_utils import MetricsLogger, save_grid, save_labelled_grids
+from .logging_utils import MetricsLogger, first_frames, save_grid, save_labelled_grids
 from .prompts import load_prompts, spread
-from .rewards import build_reward, score_media
+from .rewards import build_reward, reward_tag, score_media
 
 
 def eval_prompt_list(eval_cfg) -> list:
@@ -74,7 +74,7 @@ class EvalPhase:
         self.rows.append({"iteration": iteration, **row})
         if self.is_main:
             self.metrics.log(iteration, row)
-            frames = media[:, 0] if media.dim() == 5 else media
+            frames = first_frames(media)
             self.grids.append(frames.cpu())
             path = self.folder / f"iter{iteration:06d}.png"
             with warn_on_failure(str(path)):
@@ -85,12 +85,10 @@ class EvalPhase:
         """Mean of every reward (and of its ``details``) over the evaluation samples."""
         row = {}
         for name, fn in self.rewards:
-            tag = name.replace(":", "_").replace(".", "_")
-            row[f"eval_{tag}"] = float(score_media(fn, media, self.prompts, self.cfg.reward,
+            row[f"eval_{reward_tag(name)}"] = float(score_media(fn, media, self.prompts, self.cfg.reward,
                                                    name).mean())
             if hasattr(fn, "details"):
-                frames = media[:, 0] if media.dim() == 5 else media
-                for key, values in fn.details(frames, self.prompts).items():
+                for key, values in fn.details(first_frames(media), self.prompts).items():
                     row[f"eval_{key}"] = float(values.float().mean())
         return row
 

@@ -90,6 +90,11 @@ def read_metrics(path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
+def first_frames(media: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) as they are; videos (N, F, 3, H, W) by their first frame."""
+    return media[:, 0] if media.dim() == 5 else media
+
+
 def save_grid(images: torch.Tensor, path, nrow: int) -> None:
     """Images (N, 3, H, W) in [0, 1] tiled ``nrow`` per row (one group per row) as PNG."""
     from PIL import Image

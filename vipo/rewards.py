@@ -51,6 +51,11 @@ def _resolve(name: str) -> Callable:
     return _REGISTRY[name]
 
 
+def reward_tag(name: str) -> str:
+    """A reward name as a metric-name part (``module:fn`` -> ``module_fn``)."""
+    return name.replace(":", "_").replace(".", "_")
+
+
 def check_reward_name(name: str, field: str = "reward.reward") -> None:
     """Start-up check (no model loaded): the name is registered or importable."""
     from .config import ConfigError

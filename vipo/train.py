@@ -33,9 +33,10 @@ from . import faults
 from .config import DEFAULT_PRESET, Config, ConfigError, help_text
 from .distributed import PromptSampler, global_advantages, group_generator, reduce_stats
 from .faults import TrainingError
-from .logging_utils import MetricsLogger, PhaseTimer, save_grid, summary_line
+from .logging_utils import MetricsLogger, PhaseTimer, first_frames, save_grid, summary_line
 from .plots import plot_curves
 from .prompts import load_prompts
+from .rewards import reward_tag
 
 logger = logging.getLogger("vipo")
 
@@ -398,7 +399,7 @@ class Trainer:
         per_reward = stats.pop("loss_clip_per_reward")
         out = {"loss": loss.detach(), **stats}
         if len(per_reward) > 1:
-            out.update({f"loss_clip_{_tag(name)}": value
+            out.update({f"loss_clip_{reward_tag(name)}": value
                         for name, value in zip(self.cfg.reward.reward, per_reward)})
         self._bad_loss = self._bad_loss or not bool(torch.isfinite(loss))
         if acc.sync_gradients:
@@ -456,7 +457,7 @@ class Trainer:
         row = {"reward_mean": finite[:, 0].mean(), "reward_std": finite[:, 0].std()}
         if len(cfg.reward.reward) > 1:
             for col, name in enumerate(cfg.reward.reward):
-                row[f"reward_{_tag(name)}_mean"] = finite[:, col].mean()
+                row[f"reward_{reward_tag(name)}_mean"] = finite[:, col].mean()
         row.update(zero_std_groups=adv.zero_std_groups, dropped_groups=adv.dropped_groups,
                    map_mean=raw_maps.mean() if raw_maps is not None else 1.0,
                    psm_failures=self.psm.failures if self.psm is not None else 0,
@@ -481,7 +482,7 @@ class Trainer:
         return row
 
     def _save_images(self, it: int, media, maps) -> None:
-        frames = media[:, 0] if media.dim() == 5 else media  # videos: first frame
+        frames = first_frames(media)
         folder = self.run_dir / "samples"
         save_grid(frames, folder / f"iter{it:06d}.png", nrow=self.cfg.sample.group_size)
         if maps is not None:
@@ -657,10 +658,6 @@ class Trainer:
 
 def _cpu_gen(rng: random.Random) -> torch.Generator:
     return torch.Generator().manual_seed(rng.getrandbits(63))
-
-
-def _tag(name: str) -> str:
-    return name.replace(":", "_").replace(".", "_")
 
 
 def parse_args(args: list) -> Config:

@@ -52,14 +52,12 @@ def run_one(method: str, seed: int, out: Path, overrides: dict) -> dict:
         return json.loads(done.read_text())
     import shutil
 
-    from accelerate.state import AcceleratorState, GradientState
-
     from ..config import Config
+    from ..distributed import reset_accelerate_state
     from ..train import Trainer
 
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted run restarts from scratch
-    AcceleratorState._reset_state(True)  # each Trainer builds its own Accelerator
-    GradientState._reset_state()
+    reset_accelerate_state()  # each Trainer builds its own Accelerator
     cfg = Config.from_name("toy")
     cfg.update({**METHODS[method], **overrides, "seed": seed, "output_dir": str(folder.parent),
                 "run_name": folder.name, "checkpoint_every": -1, "progress": False})
