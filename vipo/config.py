@@ -24,6 +24,12 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
+# model.arch choices (vipo/adapters/base.py ADAPTERS); the video ones need 4k + 1 frames.
+ARCHS = ("sd3", "flux", "wan", "qwenimage", "flux2", "zimage", "wan22")
+VIDEO_ARCHS = ("wan", "wan22")
+PIPELINE_SCHEDULE_ARCHS = ("qwenimage", "flux2", "zimage", "wan22")  # sigma_schedule=pipeline
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
@@ -59,7 +65,9 @@ def _f(default, help: str, choices: tuple | None = None, bounds: str | None = No
 @dataclass
 class ModelConfig:
     arch: str = _f("sd3", "adapter (vipo/adapters/<arch>.py): sd3 (SD3/3.5), flux (FLUX.1), "
-                   "wan (Wan 2.1 text-to-video)", ("sd3", "flux", "wan"))
+                   "wan (Wan 2.1 text-to-video), qwenimage (Qwen-Image), flux2 (FLUX.2 "
+                   "[klein]), zimage (Z-Image, Z-Image-Turbo), wan22 (Wan 2.2 A14B "
+                   "text-to-video, two experts)", ARCHS)
     path: str = _f("toy", "hub id or local diffusers pipeline folder; 'toy' is the shipped "
                    "pretrained toy-world generator (sd3, vipo/toy); 'tiny' builds the embedded "
                    "random-weight tiny world for `arch` (vipo/tiny.py)")
@@ -67,11 +75,18 @@ class ModelConfig:
     width: int = _f(64, "output width in pixels (multiple of 16)", bounds="[16, inf)")
     num_frames: int = _f(1, "frames per sample; video models need (num_frames - 1) % 4 == 0",
                          bounds="[1, inf)")
-    guidance_scale: float = _f(1.0, "flux: distilled guidance input (3.5 for FLUX.1-dev); sd3/wan:"
-                               " true CFG scale, unconditional branch without grad (1 = off)",
-                               bounds="[0, inf)")
-    negative_prompt: str = _f("", "negative prompt of the CFG unconditional branch (sd3, wan)")
-    max_sequence_length: int = _f(512, "T5 token length of prompt embeddings", bounds="[1, inf)")
+    guidance_scale: float = _f(1.0, "the pipeline's guidance argument. flux: distilled guidance "
+                               "input (3.5 for FLUX.1-dev); sd3/wan/wan22/flux2: true CFG scale "
+                               "w, v_u + w (v_c - v_u) (1 = off; flux2 step-distilled: none); "
+                               "qwenimage: true_cfg_scale (1 = off), rescaled to the conditional "
+                               "norm per token; zimage: v_c + w (v_c - v_u) (0 = off). The "
+                               "unconditional branch runs without grad", bounds="[0, inf)")
+    guidance_scale_2: float = _f(0.0, "wan22: CFG scale of the low-noise expert's steps (0: "
+                                 "guidance_scale)", bounds="[0, inf)")
+    negative_prompt: str = _f("", "negative prompt of the CFG unconditional branch (not flux)")
+    max_sequence_length: int = _f(512, "token length of prompt embeddings (T5, or the LLM text "
+                                  "encoder's; qwenimage and zimage keep up to this many)",
+                                  bounds="[1, inf)")
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU "
                         "only: bf16 on CPU is ~25x slower, ENV.md)", ("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
@@ -85,9 +100,12 @@ class SampleConfig:
                         bounds="[2, inf)")
     sigma_schedule: str = _f("dance", "dance: s_k = 1 - k/T_s, shifted (DanceGRPO/ViPO); "
                              "diffusers: FlowMatchEulerDiscreteScheduler's levels (Flow-GRPO), "
-                             "METHOD.md 1", ("dance", "diffusers"))
-    shift: float = _f(3.0, "timestep shift: sigma = shift*s / (1 + (shift - 1)*s)",
-                      bounds="(0, inf)")
+                             "METHOD.md 1; pipeline: the levels the model's own diffusers "
+                             "pipeline steps through at this size and T_s (its scheduler, "
+                             "dynamic shift included; qwenimage, flux2, zimage, wan22)",
+                             ("dance", "diffusers", "pipeline"))
+    shift: float = _f(3.0, "timestep shift: sigma = shift*s / (1 + (shift - 1)*s) (not used by "
+                      "sigma_schedule=pipeline)", bounds="(0, inf)")
     timestep_input: str = _f("int", "model timestep 1000*sigma: int truncates it (DanceGRPO/ViPO),"
                              " float passes it as is (Flow-GRPO); step maths always uses the "
                              "untruncated sigma", ("int", "float"))
@@ -370,6 +388,10 @@ def _check_fields(cfg: Config) -> None:
 
 
 def _check_steps(cfg: Config) -> None:
+    _need(cfg.sample.sigma_schedule != "pipeline" or cfg.model.arch in PIPELINE_SCHEDULE_ARCHS,
+          "sample.sigma_schedule", f"pipeline is available for arch "
+          f"{', '.join(PIPELINE_SCHEDULE_ARCHS)} only (arch={cfg.model.arch})",
+          cfg.sample.sigma_schedule)
     _need(cfg.train_steps_per_sample >= 1, "train.timestep_fraction",
           f"trains no step with num_steps={cfg.sample.num_steps}; raise it",
           cfg.train.timestep_fraction)
@@ -379,7 +401,7 @@ def _check_shapes(cfg: Config) -> None:
     m = cfg.model
     for key, value in [("model.height", m.height), ("model.width", m.width)]:
         _need(value % 16 == 0, key, "must be a positive multiple of 16", value)
-    if m.arch == "wan":
+    if m.arch in VIDEO_ARCHS:
         _need((m.num_frames - 1) % 4 == 0, "model.num_frames",
               "must satisfy (num_frames - 1) % 4 == 0 for Wan's 4x temporal VAE", m.num_frames)
     else:

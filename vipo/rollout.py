@@ -49,9 +49,12 @@ class Schedule:
     std: torch.Tensor           # (T_s,) float32
 
     @classmethod
-    def build(cls, sample_cfg, device) -> "Schedule":
+    def build(cls, sample_cfg, device, adapter=None) -> "Schedule":
+        """sample_cfg's schedule; ``sigma_schedule=pipeline`` asks ``adapter`` for the levels
+        of its diffusers pipeline."""
         c = sample_cfg
-        sigmas = sigma_schedule(c.num_steps, c.shift, c.sigma_schedule)
+        sigmas = adapter.pipeline_sigmas(c.num_steps) if c.sigma_schedule == "pipeline" else \
+            sigma_schedule(c.num_steps, c.shift, c.sigma_schedule)
         # DanceGRPO/ViPO truncate int(1000*sigma) of the fp32 sigma; the step coefficients
         # always use the untruncated sigma (METHOD.md 1).
         timesteps = 1000.0 * sigmas[:-1]

@@ -153,10 +153,21 @@ def build_flux(folder, *, seed: int = 0) -> Path:
     return _write(Path(folder), pipe)
 
 
-def build_wan(folder, *, seed: int = 0) -> Path:
-    """Tiny WanPipeline: UMT5 text encoder, 3-D transformer, causal video VAE (4x in time)."""
-    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
-                           WanTransformer3DModel)
+def _wan_transformer():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
+                                 attention_head_dim=12, in_channels=16, out_channels=16,
+                                 text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def build_wan(folder, *, seed: int = 0, boundary_ratio: float | None = None,
+              shift: float = 8.0) -> Path:
+    """Tiny WanPipeline: UMT5 text encoder, 3-D transformer, causal video VAE (4x in time).
+    With ``boundary_ratio`` (Wan 2.2) a second transformer of the same shape is the
+    low-noise expert ``transformer_2``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
@@ -167,14 +178,155 @@ def build_wan(folder, *, seed: int = 0) -> Path:
                                        pad_token_id=t5_tok.pad_token_id,
                                        eos_token_id=t5_tok.eos_token_id,
                                        decoder_start_token_id=0))
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
-                                        attention_head_dim=12, in_channels=16, out_channels=16,
-                                        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    transformer = _wan_transformer()
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
+    experts = {}
+    if boundary_ratio is not None:
+        experts = {"transformer_2": _wan_transformer(), "boundary_ratio": boundary_ratio}
     pipe = WanPipeline(tokenizer=t5_tok, text_encoder=text, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0))
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), **experts)
+    return _write(Path(folder), pipe)
+
+
+def build_wan22(folder, *, seed: int = 0) -> Path:
+    """Tiny Wan 2.2 text-to-video (A14B layout): two experts switching at Wan 2.2's
+    boundary_ratio 0.875, shift 12 (its text-to-video sampling shift). The real checkpoint
+    ships UniPC; the tiny one FlowMatchEuler, which the Euler/SDE rollout reproduces."""
+    return build_wan(folder, seed=seed, boundary_ratio=0.875, shift=12.0)
+
+
+# ---- the newer generators: LLM text encoders (Qwen2.5-VL, Qwen3) with a byte-level tokenizer ----
+# A Qwen3-style chat template, enough for the pipelines' apply_chat_template calls
+# (Flux2KleinPipeline passes enable_thinking=False, which adds the empty think block).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
+
+
+def qwen_tokenizer():
+    """A Qwen2Tokenizer over single byte-level characters (no merges) with Qwen's chat
+    markers as special tokens and a chat template; pads with <|endoftext|>."""
+    from transformers import Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_byte_alphabet())}, merges=[],
+                         unk_token=None)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def _qwen_text_fields(tok, *, hidden: int, layers: int) -> dict:
+    """The text-model fields shared by the tiny Qwen2.5-VL and Qwen3 configs."""
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=hidden // 2, max_position_embeddings=1024,
+                bos_token_id=tok.pad_token_id, eos_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def _qwen3(tok, *, hidden: int, layers: int, causal_lm: bool):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(**_qwen_text_fields(tok, hidden=hidden, layers=layers))
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def _random_stats(n: int, seed: int) -> tuple[list, list]:
+    """Per-channel latent mean and std (random, so the de-normalisation before decoding is
+    exercised by the parity tests rather than being the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = (0.5 * torch.randn(n, generator=gen)).tolist()
+    std = (0.5 + torch.rand(n, generator=gen)).tolist()
+    return [round(v, 4) for v in mean], [round(v, 4) for v in std]
+
+
+def build_qwenimage(folder, *, seed: int = 0) -> Path:
+    """Tiny QwenImagePipeline: Qwen2.5-VL text encoder (2 layers, width 16, a 1-layer vision
+    tower it never uses for text), 3-D causal VAE with 8x spatial compression, 16 latent
+    channels packed 2x2 into 64 as in Qwen-Image. The scheduler is Qwen-Image's: dynamic
+    exponential shift from the image token count, stretched to end at 0.02."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           QwenImagePipeline, QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    last = len(tok) - 1  # the vision token ids must lie in the vocabulary; text never has them
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={**_qwen_text_fields(tok, hidden=16, layers=2),
+                     "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": 16},
+        vocab_size=len(tok), image_token_id=last, video_token_id=last,
+        vision_start_token_id=last, vision_end_token_id=last))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16,
+                                              num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    mean, std = _random_stats(16, seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=mean,
+                                 latents_std=std)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+        time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok,
+                             transformer=transformer)
+    return _write(Path(folder), pipe)
+
+
+def build_flux2_klein(folder, *, seed: int = 0) -> Path:
+    """Tiny Flux2KleinPipeline: Qwen3ForCausalLM text encoder (28 layers of width 16: the
+    pipeline stacks hidden states 9, 18 and 27), AutoencoderKLFlux2 with 8 latent channels
+    (FLUX.2 has 32) patchified 2x2 into 32, batch-norm statistics randomised, no guidance
+    embedding (klein base runs true CFG)."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler,
+                           Flux2KleinPipeline, Flux2Transformer2DModel)
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    text = _qwen3(tok, hidden=16, layers=28, causal_lm=True)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1,
+                                          num_single_layers=1, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                             latent_channels=8, norm_num_groups=8, sample_size=64)
+    mean, std = _random_stats(32, seed + 1)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.tensor(mean))
+        vae.bn.running_var.copy_(torch.tensor(std) ** 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok,
+                              transformer=transformer, is_distilled=False)
+    return _write(Path(folder), pipe)
+
+
+def build_zimage(folder, *, seed: int = 0) -> Path:
+    """Tiny ZImagePipeline: Qwen3Model text encoder (3 layers of width 16; the pipeline takes
+    the second-to-last hidden state), the 16-channel image VAE, a single-stream transformer
+    of width 32; Z-Image's scheduler (static shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    text = _qwen3(tok, hidden=16, layers=3, causal_lm=False)
+    transformer = ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=2,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                           cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                           axes_lens=[512, 64, 64])
+    with torch.no_grad():  # zero-initialised in diffusers; random so that padding matters
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                          vae=_image_vae(16, shift=0.1159), text_encoder=text, tokenizer=tok,
+                          transformer=transformer)
     return _write(Path(folder), pipe)
 
 
@@ -214,7 +366,8 @@ def build_clip(folder, *, seed: int = 0) -> Path:
     return folder
 
 
-BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan}
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "qwenimage": build_qwenimage,
+            "flux2": build_flux2_klein, "zimage": build_zimage, "wan22": build_wan22}
 
 
 def default_cache() -> Path:
@@ -243,7 +396,7 @@ def _cached(folder: Path, build) -> Path:
 
 
 def ensure_world(arch: str, root=None) -> Path:
-    """Folder of the tiny ``arch`` pipeline (``sd3``, ``flux`` or ``wan``), built on first
+    """Folder of the tiny ``arch`` pipeline (a key of BUILDERS), built on first
     use (and rebuilt when half-written or from another CACHE_VERSION)."""
     if arch not in BUILDERS:
         raise ValueError(f"tiny world arch must be one of {sorted(BUILDERS)}, got {arch!r}")

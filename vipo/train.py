@@ -94,7 +94,7 @@ class Trainer:
         self.ema = self._ema(self.params)
         from .rollout import Schedule
 
-        self.schedule = Schedule.build(cfg.sample, acc.device)
+        self.schedule = Schedule.build(cfg.sample, acc.device, self.adapter)
         self.timer = PhaseTimer(acc.device)
         self.optimizer_steps = self.bad_steps = self.dropped_iters = self.start_iteration = 0
         self.skipped_steps, self._stepped, self._bad_loss = 0, False, False

@@ -46,7 +46,7 @@ class Adapter(abc.ABC):
         if self.vae_fp32 and self.pipe.vae.dtype != torch.float32:
             self.pipe.vae.to(torch.float32)
         self.pipe.to(device)
-        self.use_cfg = self.true_cfg and cfg.guidance_scale > 1.0
+        self.use_cfg = self.wants_cfg()
 
     # ---- the interface: every adapter implements these four -------------------------------
     @abc.abstractmethod
@@ -66,17 +66,40 @@ class Adapter(abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, *S) -> images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]."""
 
+    # ---- what a pipeline may do differently (defaults: SD3, FLUX.1, Wan 2.1) ---------------
+    def wants_cfg(self) -> bool:
+        """Whether the pipeline would run true CFG at ``guidance_scale``."""
+        return self.true_cfg and self.cfg.guidance_scale > 1.0
+
+    def guide(self, v_cond, v_uncond, timesteps) -> torch.Tensor:
+        """The pipeline's CFG combination of the two branches (loss layout, fp32)."""
+        return v_uncond + self.cfg.guidance_scale * (v_cond - v_uncond)
+
+    def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
+        """(num_steps + 1,) float32 noise levels the pipeline's ``__call__`` would step
+        through at the configured size (``sample.sigma_schedule=pipeline``)."""
+        raise ValueError(f"sample.sigma_schedule=pipeline is not available for "
+                         f"model.arch={self.arch}; use dance or diffusers")
+
+    def scheduler_sigmas(self, num_steps: int, **kwargs) -> torch.Tensor:
+        """The levels of a copy of the pipeline's scheduler after
+        ``set_timesteps(num_steps, **kwargs)`` (the pipeline's own scheduler is untouched)."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        return scheduler.sigmas.to(torch.float32)
+
     # ---- shared ---------------------------------------------------------------------------
     def velocity(self, model, latents, timesteps, cond: dict) -> torch.Tensor:
-        """Guided velocity (METHOD.md 7). With CFG, v = v_u + w (v_c - v_u) and the
-        unconditional branch runs without grad, so the conditional output gets w dL/dv.
-        Rollout and recompute both call this, so their paths are identical."""
+        """Guided velocity (METHOD.md 7). With CFG the two branches are combined by
+        ``guide`` (v = v_u + w (v_c - v_u) by default) and the unconditional one runs
+        without grad, so the conditional output gets dv/dv_c dL/dv. Rollout and recompute
+        both call this, so their paths are identical."""
         v_cond = self.forward(model, latents, timesteps, cond)
         if not self.use_cfg:
             return v_cond
         with torch.no_grad():
             v_uncond = self.forward(model, latents, timesteps, cond, negative=True)
-        return v_uncond + self.cfg.guidance_scale * (v_cond - v_uncond)
+        return self.guide(v_cond, v_uncond, timesteps)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -96,14 +119,18 @@ class Adapter(abc.ABC):
         return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
+# arch -> (module, class); imported lazily so that only the chosen model's code loads.
+ADAPTERS = {"sd3": ("sd3", "SD3Adapter"), "flux": ("flux", "FluxAdapter"),
+            "wan": ("wan", "WanAdapter"), "qwenimage": ("qwenimage", "QwenImageAdapter"),
+            "flux2": ("flux2", "Flux2Adapter"), "zimage": ("zimage", "ZImageAdapter"),
+            "wan22": ("wan22", "Wan22Adapter")}
+
+
 def get_adapter(arch: str):
-    """The adapter class for ``arch``; imported lazily so that only its model code loads."""
-    if arch == "sd3":
-        from .sd3 import SD3Adapter as cls
-    elif arch == "flux":
-        from .flux import FluxAdapter as cls
-    elif arch == "wan":
-        from .wan import WanAdapter as cls
-    else:
-        raise ValueError(f"model.arch must be one of sd3, flux, wan; got {arch!r}")
-    return cls
+    """The adapter class for ``arch``."""
+    import importlib
+
+    if arch not in ADAPTERS:
+        raise ValueError(f"model.arch must be one of {', '.join(ADAPTERS)}; got {arch!r}")
+    module, name = ADAPTERS[arch]
+    return getattr(importlib.import_module(f".{module}", __package__), name)

@@ -1,0 +1,87 @@
+"""Wan 2.2 text-to-video (A14B): WanPipeline with two experts of the same architecture, the
+high-noise ``transformer`` and the low-noise ``transformer_2``, switching at
+``boundary_ratio``.
+
+Follows diffusers' WanPipeline.__call__ (v0.42.1) with ``boundary_ratio`` set: a step whose
+timestep t = 1000 sigma satisfies t >= boundary_ratio * num_train_timesteps runs the
+high-noise expert with ``guidance_scale``, every later step the low-noise expert with
+``guidance_scale_2`` (model.guidance_scale_2; 0 means the same as guidance_scale, the
+pipeline's None); everything else as Wan 2.1 (vipo/adapters/wan.py). Schedule: the
+pipeline's scheduler levels for N steps (``sigma_schedule=pipeline``); with the shipped
+UniPC scheduler the rollout steps Euler/SDE along UniPC's levels (not its multistep update).
+Changed: the two experts are one module (``ExpertPair``) that routes each sample of a batch
+by its own timestep, so a training micro-batch may mix steps of both experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .wan import WanAdapter
+
+
+class ExpertPair(torch.nn.Module):
+    """``high`` (the pipeline's transformer) for timesteps >= ``boundary``, ``low``
+    (transformer_2) below; called like one WanTransformer3DModel with return_dict=False."""
+
+    def __init__(self, high, low, boundary: float):
+        super().__init__()
+        self.high, self.low = high, low
+        self.boundary = float(boundary)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.high.dtype
+
+    @property
+    def config(self):
+        return self.high.config
+
+    def owners(self, timestep: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: True where the high-noise expert owns the step."""
+        return timestep >= self.boundary
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False,
+                **kwargs):
+        high = self.owners(timestep)
+        parts = [(self.high, high), (self.low, ~high)]
+        if bool(high.all()) or not bool(high.any()):  # one expert: no split
+            expert = self.high if bool(high.all()) else self.low
+            return expert(hidden_states=hidden_states, timestep=timestep,
+                          encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                          **kwargs)
+        out = None
+        for expert, rows in parts:
+            part = expert(hidden_states=hidden_states[rows], timestep=timestep[rows],
+                          encoder_hidden_states=encoder_hidden_states[rows], return_dict=False,
+                          **kwargs)[0]
+            if out is None:
+                out = part.new_empty((hidden_states.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return (out,)
+
+
+class Wan22Adapter(WanAdapter):
+    arch = "wan22"
+
+    def __init__(self, cfg, device, weight_dtype):
+        super().__init__(cfg, device, weight_dtype)
+        pipe = self.pipe
+        ratio = pipe.config.get("boundary_ratio")
+        if ratio is None or pipe.transformer_2 is None or pipe.transformer is None:
+            raise ValueError("model.path: arch=wan22 needs a WanPipeline with transformer, "
+                             "transformer_2 and boundary_ratio (Wan 2.2 A14B); for Wan 2.1 "
+                             "use arch=wan")
+        if pipe.config.get("expand_timesteps"):
+            raise ValueError("model.path: Wan 2.2 TI2V (expand_timesteps) is not supported")
+        boundary = ratio * pipe.scheduler.config.num_train_timesteps
+        self.transformer = ExpertPair(pipe.transformer, pipe.transformer_2, boundary)
+
+    def guide(self, v_cond, v_uncond, timesteps):
+        second = self.cfg.guidance_scale_2 or self.cfg.guidance_scale
+        scale = torch.where(self.transformer.owners(timesteps), self.cfg.guidance_scale, second)
+        scale = scale.view(-1, *([1] * (v_cond.dim() - 1))).to(v_cond.dtype)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
+        return self.scheduler_sigmas(num_steps)
