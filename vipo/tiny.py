@@ -206,13 +206,34 @@ QWEN_CHAT_TEMPLATE = (
     "{% endif %}{% endif %}")
 
 
+# Whole-word tokens for the words of Qwen-Image's prompt template, so that the template's
+# head is 34 tokens long as with the real tokenizer (QwenImagePipeline drops exactly 34).
+# Words after a space are tokens with the space, as in byte-level BPE.
+_QWEN_WORDS = ("system user assistant Describe", " the image by detailing color shape size "
+               "texture quantity text spatial relationships of objects and background")
+
+
+def _word_merges(lines) -> tuple[list, list]:
+    """Byte-level BPE merges that build each word of ``lines`` (those of the second with
+    their leading space) from its characters, left to right; returns (tokens, merges)."""
+    pieces = lines[0].split() + ["\u0120" + w for w in lines[1].split()]  # U+0120: a space
+    tokens, merges = [], []
+    for piece in pieces:
+        for i in range(1, len(piece)):
+            if (piece[:i], piece[i]) not in merges:
+                merges.append((piece[:i], piece[i]))
+                tokens.append(piece[:i + 1])
+    return tokens, merges
+
+
 def qwen_tokenizer():
-    """A Qwen2Tokenizer over single byte-level characters (no merges) with Qwen's chat
-    markers as special tokens and a chat template; pads with <|endoftext|>."""
+    """A Qwen2Tokenizer over byte-level characters plus the words of Qwen-Image's template,
+    with Qwen's chat markers as special tokens and a chat template; pads with <|endoftext|>."""
     from transformers import Qwen2Tokenizer
 
-    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_byte_alphabet())}, merges=[],
-                         unk_token=None)
+    words, merges = _word_merges(_QWEN_WORDS)
+    vocab = {c: i for i, c in enumerate(_byte_alphabet() + words)}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
