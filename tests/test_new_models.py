@@ -12,6 +12,8 @@ prompts of different lengths, with CFG on.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -33,9 +35,18 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("new_worlds")
-    return {arch: tiny.BUILDERS[arch](root / arch) for arch in ARCHS}
+def cache(tmp_path_factory):
+    """A tiny-world cache (VIPO_TINY_CACHE) holding the four pipelines, so that path=tiny
+    finds them."""
+    root = tmp_path_factory.mktemp("tiny_cache")
+    for arch in ARCHS:
+        tiny.ensure_world(arch, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def worlds(cache):
+    return {arch: cache / arch for arch in ARCHS}
 
 
 def model_cfg(arch, worlds, **overrides) -> Config:
@@ -168,3 +179,56 @@ def test_ode_rollout_reproduces_the_pipeline(arch, worlds, monkeypatch, capsys):
               f"rel. error {latent_error:.1e}")
     assert velocity_error < TOLERANCE
     assert latent_error < TOLERANCE
+
+
+# ---- training: `python -m vipo.train tiny arch=X` cut to 2 iterations, PSM included ---------
+def train_cfg(arch, tmp_path, **overrides) -> Config:
+    cfg = Config.from_name("tiny")
+    cfg.update({"arch": arch, "path": "tiny", "height": 32, "width": 48, "num_steps": 3,
+                "group_size": 2, "prompts_per_iter": 2, "sample_batch_size": 4,
+                "train_batch_size": 2, "grad_accum": 2, "iterations": 2,
+                "timestep_fraction": 1.0, "lr": 1e-3, "image_every": 1, "eval_every": -1,
+                "output_dir": str(tmp_path / "runs"), "run_name": "test", "progress": False,
+                "backbone": "tiny", **overrides})
+    if arch == "wan22":
+        cfg.update({"num_frames": 5, "max_sequence_length": 16, "guidance_scale": 2.0})
+    return cfg
+
+
+def lora_weights(model) -> dict:
+    """LoRA parameters by name, without peft's adapter name (default, default_0, ...)."""
+    return {re.sub(r"\.default\w*\.", ".", n): p.detach()
+            for n, p in model.named_parameters() if "lora" in n}
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ["qwenimage", "flux2", "zimage"])
+def test_trains_and_saves_loadable_weights(arch, lora, cache, tmp_path, monkeypatch):
+    """Two ViPO iterations (PSM maps on the latent grid) move the trained weights only; the
+    final checkpoint loads into a fresh pipeline with plain diffusers: the transformer
+    folder with from_pretrained, the LoRA with load_lora_weights (peft underneath)."""
+    import diffusers
+
+    from .test_train import check_run, run_two_steps
+
+    monkeypatch.setenv("VIPO_TINY_CACHE", str(cache))
+    extra = {"lora_rank": 4} if lora else {}
+    trainer, result, frozen, trainable, weights = run_two_steps(train_cfg(arch, tmp_path,
+                                                                          **extra))
+    rows = check_run(trainer, result, frozen, trainable, weights)
+    assert 0 < rows[0]["map_mean"] <= 1
+    folder = result["run_dir"] / "checkpoints" / "final"
+    trained = trainer.adapter.transformer
+    pipe = getattr(diffusers, trainer.adapter.pipeline_class).from_pretrained(cache / arch)
+    if lora:
+        assert trainable and all("lora" in n for n in trainable)
+        pipe.load_lora_weights(folder)
+        ours, loaded = lora_weights(trained), lora_weights(pipe.transformer)
+        assert ours and ours.keys() == loaded.keys()
+        assert all(torch.equal(ours[n], loaded[n]) for n in ours)
+    else:
+        loaded = type(pipe.transformer).from_pretrained(folder / "transformer").state_dict()
+        ours = trained.state_dict()
+        assert loaded.keys() == ours.keys()
+        assert all(torch.equal(loaded[n], ours[n]) for n in ours)
