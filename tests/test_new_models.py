@@ -232,3 +232,19 @@ def test_trains_and_saves_loadable_weights(arch, lora, cache, tmp_path, monkeypa
         ours = trained.state_dict()
         assert loaded.keys() == ours.keys()
         assert all(torch.equal(loaded[n], ours[n]) for n in ours)
+
+
+def test_presets_and_schedule_checks():
+    from vipo.config import NOT_RUN_AT_REAL_SIZE, ConfigError
+
+    for name in NOT_RUN_AT_REAL_SIZE:
+        cfg = Config.from_name(name).validate()
+        assert (cfg.sample.sigma_schedule, cfg.sample.timestep_input) == ("pipeline", "float")
+        assert cfg.model.arch in ARCHS
+    assert Config.from_name("wan22_vipo").model.guidance_scale_2 == 3.0
+    for overrides, field in ((["arch=sd3", "sigma_schedule=pipeline"], "sample.sigma_schedule"),
+                             (["arch=wan22", "num_frames=4"], "model.num_frames")):
+        cfg = Config.from_name("tiny")
+        cfg.apply_overrides(overrides)
+        with pytest.raises(ConfigError, match=field):
+            cfg.validate()

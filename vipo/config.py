@@ -505,7 +505,8 @@ def help_text(cfg: "Config | None" = None) -> str:
         f"With no arguments, trains the `{DEFAULT_PRESET}` preset (ViPO on the shipped toy world, "
         "CPU).",
         "",
-        f"presets: {', '.join(PRESETS)}",
+        "presets: " + ", ".join(f"{p} (not run at real size)" if p in NOT_RUN_AT_REAL_SIZE else p
+                                for p in PRESETS),
         "keys: a field name alone (lr=1e-5) or with its section (train.lr=1e-5); "
         "lists are comma separated.",
         "--debug: full tracebacks instead of one-line errors.",
@@ -646,6 +647,73 @@ PRESETS: dict[str, dict] = {
         "run": {"image_every": 10, "checkpoint_every": 50},
     },
 }
+
+
+# ---- the newer generators (vipo/adapters/qwenimage.py, flux2.py, zimage.py, wan22.py) --------
+# Each model's published inference settings (the hub checkpoint, resolution, guidance, negative
+# prompt, text length; its own pipeline's sigma levels, so its shift, through
+# sigma_schedule=pipeline, with the float timestep the pipeline passes) and the ViPO recipe of
+# flux_vipo / wan_vipo for the RL side (T_s 8 for images and 16 for video instead of the
+# pipelines' 50 / 40 inference steps; the step-distilled Z-Image-Turbo keeps its 8). LoRA
+# (r32/a64, lr 3e-4 as sd35_flowgrpo) for the 20B Qwen-Image and the two 14B Wan 2.2 experts,
+# full fine-tuning (lr 1e-5 as flux_vipo) for the 4B and 6B models. None of these has been run
+# at real size (no GPU here); each trains at tiny size (`tiny arch=...`) in the tests.
+NOT_RUN_AT_REAL_SIZE = ("qwenimage_vipo", "flux2_klein_vipo", "zimage_vipo", "wan22_vipo")
+_IMAGE_RL = {"sde": "dance", "eta": 0.3, "group_size": 12, "prompts_per_iter": 1,
+             "same_init_noise": True, "sample_batch_size": 4, "decode_from": "x0_pred",
+             "sigma_schedule": "pipeline", "timestep_input": "float"}
+_VIPO_TRAIN = {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
+               "adv_clip": 5.0, "timestep_fraction": 0.6, "grad_accum": 4,
+               "max_grad_norm": 1.0}
+_LORA = {"lora_rank": 32, "lora_alpha": 64, "lr": 3e-4}
+_PSM = {"backbone": "facebook/dinov2-large", "n_components": 3, "aggregation": "weighted",
+        "psm_sigma": 1.0}
+PRESETS.update({
+    # Qwen/Qwen-Image: 1328x1328 (its 1:1 size), true_cfg_scale 4 with the negative " ".
+    "qwenimage_vipo": {
+        "model": {"arch": "qwenimage", "path": "Qwen/Qwen-Image", "height": 1328,
+                  "width": 1328, "guidance_scale": 4.0, "negative_prompt": " ",
+                  "max_sequence_length": 512, "gradient_checkpointing": True},
+        "sample": {**_IMAGE_RL, "num_steps": 8},
+        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
+        "train": {**_VIPO_TRAIN, **_LORA, "iterations": 300},
+        "run": {"image_every": 10, "checkpoint_every": 50},
+    },
+    # black-forest-labs/FLUX.2-klein-base-4B: the undistilled klein, 1024x1024, CFG 4 against
+    # the empty prompt (the step-distilled FLUX.2-klein-4B runs without CFG: guidance 1).
+    "flux2_klein_vipo": {
+        "model": {"arch": "flux2", "path": "black-forest-labs/FLUX.2-klein-base-4B",
+                  "height": 1024, "width": 1024, "guidance_scale": 4.0,
+                  "max_sequence_length": 512, "gradient_checkpointing": True},
+        "sample": {**_IMAGE_RL, "num_steps": 8},
+        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
+        "train": {**_VIPO_TRAIN, "lr": 1e-5, "iterations": 300},
+        "run": {"image_every": 10, "checkpoint_every": 50},
+    },
+    # Tongyi-MAI/Z-Image-Turbo: 1024x1024, 8 steps, guidance 0 (no CFG).
+    "zimage_vipo": {
+        "model": {"arch": "zimage", "path": "Tongyi-MAI/Z-Image-Turbo", "height": 1024,
+                  "width": 1024, "guidance_scale": 0.0, "max_sequence_length": 512,
+                  "gradient_checkpointing": True},
+        "sample": {**_IMAGE_RL, "num_steps": 8},
+        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
+        "train": {**_VIPO_TRAIN, "lr": 1e-5, "iterations": 300},
+        "run": {"image_every": 10, "checkpoint_every": 50},
+    },
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: 480P (832x480), 81 frames, CFG 4 (high-noise expert)
+    # and 3 (low-noise), the Wan negative prompt; both experts trained.
+    "wan22_vipo": {
+        "model": {"arch": "wan22", "path": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "height": 480,
+                  "width": 832, "num_frames": 81, "guidance_scale": 4.0,
+                  "guidance_scale_2": 3.0, "negative_prompt": WAN_NEGATIVE_PROMPT,
+                  "max_sequence_length": 512, "gradient_checkpointing": True},
+        "sample": {**_IMAGE_RL, "num_steps": 16, "eta": 0.25, "group_size": 8,
+                   "sample_batch_size": 1},
+        "reward": {"reward": ["pickscore"], "eps_std": 1e-8, "video_frame_stride": 4},
+        "psm": _PSM, "train": {**_VIPO_TRAIN, **_LORA, "iterations": 10000},
+        "run": {"image_every": 10, "checkpoint_every": 100},
+    },
+})
 
 
 if __name__ == "__main__":
