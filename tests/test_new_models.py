@@ -3,11 +3,13 @@ tiny size in fp32 on the CPU (random weights, vipo/tiny.py), then a few training
 of each through ``python -m vipo.train``'s Trainer.
 
 Parity: from the same initial latents, the deterministic ODE rollout (evaluation.sample_ode,
-the Euler step without SDE noise) on ``sigma_schedule=pipeline`` reproduces the pipeline's
-``output_type="latent"`` result; so do the sigma levels, the timestep the transformer is
-given at every step (and, for Wan 2.2, which expert), and the first guided velocity (the
-``model_output`` the pipeline hands its scheduler). A non-square size and a batch of two
-prompts of different lengths, with CFG on.
+the Euler step without SDE noise) reproduces the pipeline's ``output_type="latent"`` result;
+so do the sigma levels, the timestep (and guidance) input the transformer is given at every
+step (for Wan 2.2, and which expert), and the first guided velocity (the ``model_output`` the
+pipeline hands its scheduler). A non-square size and a batch of two prompts of different
+lengths, with guidance on. The new models run ``sigma_schedule=pipeline``; SD3, FLUX.1 and
+Wan 2.1 (for the README's table) the presets' schedule kinds, which equal their tiny
+pipelines' levels.
 """
 
 from __future__ import annotations
@@ -25,12 +27,25 @@ from .utils import rel_err
 ARCHS = ["qwenimage", "flux2", "zimage", "wan22"]
 PROMPTS = ["a red apple", "a small grey cat asleep on a wide green mat"]
 HEIGHT, WIDTH, STEPS = 48, 80, 4
-# The pipelines' own guidance arguments (model.guidance_scale has each pipeline's meaning).
-GUIDANCE = {"qwenimage": 2.5, "flux2": 2.5, "zimage": 1.5, "wan22": 3.0}
-# Long enough for the chat templates of the character-level tiny tokenizers plus the prompt.
-SEQUENCE = {"qwenimage": 64, "flux2": 96, "zimage": 96, "wan22": 32}
-# Pure fp32 rounding: the same operations in a different batch make-up (the pipelines batch
-# both CFG branches or pad to the batch's longest prompt; measured <= 2e-6).
+# Per model: the pipeline's own guidance argument (model.guidance_scale has each pipeline's
+# meaning), a text length that holds the tiny tokenizers' chat template and the prompt, and
+# the schedule (the old three: the kind that equals their tiny pipeline's static shift).
+PARITY = {
+    "qwenimage": dict(guidance_scale=2.5, max_sequence_length=64),
+    "flux2": dict(guidance_scale=2.5, max_sequence_length=96, negative_prompt=""),
+    "zimage": dict(guidance_scale=1.5, max_sequence_length=96),
+    "wan22": dict(guidance_scale=3.0, guidance_scale_2=1.5, max_sequence_length=32,
+                  num_frames=5),
+    "sd3": dict(guidance_scale=2.5, max_sequence_length=16, sigma_schedule="diffusers",
+                shift=3.0),
+    "flux": dict(guidance_scale=3.5, max_sequence_length=16, sigma_schedule="dance",
+                 shift=3.0),
+    "wan": dict(guidance_scale=3.0, max_sequence_length=16, sigma_schedule="diffusers",
+                shift=8.0, num_frames=5),
+}
+# fp32 rounding only: the same operations, in another batch make-up where the pipeline
+# batches both CFG branches or pads to the batch's longest prompt, and for the old three the
+# float64 schedule (measured <= 1e-6).
 TOLERANCE = 1e-4
 
 
@@ -44,19 +59,11 @@ def cache(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def worlds(cache):
-    return {arch: cache / arch for arch in ARCHS}
-
-
-def model_cfg(arch, worlds, **overrides) -> Config:
+def model_cfg(arch, folder) -> Config:
     cfg = Config.from_name("tiny")
-    cfg.update({"arch": arch, "path": str(worlds[arch]), "height": HEIGHT, "width": WIDTH,
-                "max_sequence_length": SEQUENCE[arch], "guidance_scale": GUIDANCE[arch],
+    cfg.update({"arch": arch, "path": str(folder), "height": HEIGHT, "width": WIDTH,
                 "negative_prompt": "blurry", "num_steps": STEPS, "sigma_schedule": "pipeline",
-                "timestep_input": "float", **overrides})
-    if arch == "wan22":
-        cfg.update({"num_frames": 5, "guidance_scale_2": 1.5})
+                "timestep_input": "float", **PARITY[arch]})
     return cfg.validate()
 
 
@@ -64,10 +71,12 @@ def pipeline_layout(arch, adapter, x, kind):
     """A loss-layout tensor as the pipeline holds it: ``input`` its latents argument,
     ``state`` its latents and model outputs while stepping, ``final`` its
     output_type='latent' result."""
-    from diffusers import Flux2KleinPipeline, QwenImagePipeline
+    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
 
-    if arch == "qwenimage":
+    if arch in ("qwenimage", "flux"):
         return QwenImagePipeline._pack_latents(x, x.shape[0], *x.shape[1:])
+    assert QwenImagePipeline._pack_latents.__code__.co_code == \
+        FluxPipeline._pack_latents.__code__.co_code  # the same packing
     if arch == "flux2":
         if kind == "final":
             return adapter.vae_latents(x)
@@ -76,19 +85,35 @@ def pipeline_layout(arch, adapter, x, kind):
     return x
 
 
+def record_inputs(adapter, calls: list) -> list:
+    """Forward pre-hooks on the transformer(s) appending (expert, timestep, guidance) of
+    every call to ``calls``; returns the hook handles."""
+    pipe = adapter.pipe
+    experts = {"transformer": pipe.transformer}
+    if getattr(pipe, "transformer_2", None) is not None:
+        experts["transformer_2"] = pipe.transformer_2
+
+    def hook(name):
+        def record(module, args, kwargs):
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]  # Z-Image: positional
+            g = kwargs.get("guidance")
+            calls.append((name, float(t.flatten()[0]), None if g is None else float(g[0])))
+        return record
+
+    return [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in experts.items()]
+
+
+def per_step(calls) -> list:
+    """The inputs of each step: consecutive calls with equal inputs (CFG branches) collapse."""
+    return [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+
+
 def pipeline_call(arch, adapter, noise):
     """The pipeline's own __call__ from ``noise`` (loss layout); records the sigmas, the
-    timestep given to each transformer call (with the expert's name) and each model_output
-    handed to the scheduler."""
+    transformer inputs and each model_output handed to the scheduler."""
     pipe, cfg = adapter.pipe, adapter.cfg
     seen = {"calls": [], "outputs": []}
-    experts = {"transformer": pipe.transformer}
-    if arch == "wan22":
-        experts["transformer_2"] = pipe.transformer_2
-    hooks = [module.register_forward_pre_hook(
-        lambda m, args, kwargs, name=name: seen["calls"].append(
-            (name, (kwargs.get("timestep") if "timestep" in kwargs else args[1]).clone())),
-        with_kwargs=True) for name, module in experts.items()]
+    hooks = record_inputs(adapter, seen["calls"])
     step = pipe.scheduler.step
 
     def recording_step(model_output, *args, **kwargs):
@@ -96,65 +121,51 @@ def pipeline_call(arch, adapter, noise):
         return step(model_output, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
-    latents = pipeline_layout(arch, adapter, noise.clone(), "input")
     kwargs = dict(prompt=list(PROMPTS), height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
-                  latents=latents, output_type="latent", max_sequence_length=SEQUENCE[arch])
-    negative = [cfg.negative_prompt] * len(PROMPTS)
+                  latents=pipeline_layout(arch, adapter, noise.clone(), "input"),
+                  output_type="latent", max_sequence_length=cfg.max_sequence_length,
+                  guidance_scale=cfg.guidance_scale)
+    if arch != "flux2" and arch != "flux":  # klein's negative is always the empty prompt
+        kwargs["negative_prompt"] = [cfg.negative_prompt] * len(PROMPTS)
     if arch == "qwenimage":
-        kwargs.update(true_cfg_scale=cfg.guidance_scale, negative_prompt=negative)
-    elif arch == "flux2":  # klein's negative is always the empty prompt
-        kwargs.update(guidance_scale=cfg.guidance_scale)
-    elif arch == "zimage":
-        kwargs.update(guidance_scale=cfg.guidance_scale, negative_prompt=negative)
-    else:
-        kwargs.update(guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
-                      negative_prompt=negative, num_frames=cfg.num_frames)
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+    if arch in ("wan", "wan22"):
+        kwargs["num_frames"] = cfg.num_frames
+    if arch == "wan22":
+        kwargs["guidance_scale_2"] = cfg.guidance_scale_2
     try:
         out = pipe(**kwargs)
     finally:
         del pipe.scheduler.step
         for hook in hooks:
             hook.remove()
-    seen["latents"] = out.frames if arch == "wan22" else out.images
+    seen["latents"] = out.frames if arch in ("wan", "wan22") else out.images
     seen["sigmas"] = pipe.scheduler.sigmas.clone()
     return seen
 
 
-def per_step(calls) -> list:
-    """(expert, first timestep value) of each step: consecutive calls of one step collapse."""
-    steps = []
-    for name, t in calls:
-        key = (name, float(t.flatten()[0]))
-        if not steps or steps[-1] != key:
-            steps.append(key)
-    return steps
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_ode_rollout_reproduces_the_pipeline(arch, worlds, monkeypatch, capsys):
+@pytest.mark.parametrize("arch", ARCHS + ["sd3", "flux", "wan"])
+def test_ode_rollout_reproduces_the_pipeline(arch, cache, monkeypatch, capsys):
     from vipo.adapters import get_adapter
     from vipo.evaluation import sample_ode
     from vipo.rollout import Schedule
 
-    # FLUX.2 [klein]'s pipeline always takes the empty prompt as its negative.
-    cfg = model_cfg(arch, worlds, negative_prompt="" if arch == "flux2" else "blurry")
+    cfg = model_cfg(arch, tiny.ensure_world(arch, cache))
     adapter = get_adapter(arch)(cfg.model, torch.device("cpu"), torch.float32)
-    assert adapter.use_cfg
+    assert adapter.use_cfg or arch == "flux"  # FLUX.1: the distilled guidance input instead
     schedule = Schedule.build(cfg.sample, torch.device("cpu"), adapter)
     noise = torch.randn(len(PROMPTS), *adapter.latent_shape(),
                         generator=torch.Generator().manual_seed(1))
     expected = pipeline_call(arch, adapter, noise)
 
-    # The sigma levels and, step by step, the timestep each transformer call gets.
-    assert torch.equal(schedule.sigmas, expected["sigmas"])
-    ours = {"calls": []}
-    experts = {"transformer": adapter.pipe.transformer}
-    if arch == "wan22":
-        experts["transformer_2"] = adapter.pipe.transformer_2
-    hooks = [module.register_forward_pre_hook(
-        lambda m, args, kwargs, name=name: ours["calls"].append(
-            (name, (kwargs.get("timestep") if "timestep" in kwargs else args[1]).clone())),
-        with_kwargs=True) for name, module in experts.items()]
+    # The sigma levels (the old three: computed in float64, not by the scheduler) and, step
+    # by step, what each transformer call is given.
+    if arch in ARCHS:
+        assert torch.equal(schedule.sigmas, expected["sigmas"])
+    else:
+        torch.testing.assert_close(schedule.sigmas, expected["sigmas"], rtol=0, atol=1e-6)
+    calls = []
+    hooks = record_inputs(adapter, calls)
     cond = adapter.encode_prompts(list(PROMPTS))
     monkeypatch.setattr(adapter, "decode", lambda z: z)  # sample_ode then returns the latents
     try:
@@ -162,18 +173,24 @@ def test_ode_rollout_reproduces_the_pipeline(arch, worlds, monkeypatch, capsys):
     finally:
         for hook in hooks:
             hook.remove()
-    assert per_step(ours["calls"]) == per_step(expected["calls"])
-    assert len(per_step(expected["calls"])) == STEPS
+    ours, theirs = per_step(calls), per_step(expected["calls"])
+    assert len(theirs) == STEPS
+    if arch in ARCHS:
+        assert ours == theirs
+    else:
+        assert [(c[0], c[2]) for c in ours] == [(c[0], c[2]) for c in theirs]
+        torch.testing.assert_close(torch.tensor([c[1] for c in ours], dtype=torch.float64),
+                                   torch.tensor([c[1] for c in theirs], dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
     if arch == "wan22":  # both experts take part
-        assert {name for name, _ in per_step(expected["calls"])} == set(experts)
+        assert {name for name, *_ in theirs} == {"transformer", "transformer_2"}
 
     # The first guided velocity, as the pipeline hands it to its scheduler.
     index = torch.zeros(len(PROMPTS), dtype=torch.long)
     with torch.no_grad():
         v0 = adapter.velocity(adapter.transformer, noise, schedule.timesteps[index], cond)
     velocity_error = rel_err(pipeline_layout(arch, adapter, v0, "state"), expected["outputs"][0])
-    latent_error = rel_err(pipeline_layout(arch, adapter, final, "final"),
-                           expected["latents"])
+    latent_error = rel_err(pipeline_layout(arch, adapter, final, "final"), expected["latents"])
     with capsys.disabled():
         print(f"\n{arch}: first guided velocity rel. error {velocity_error:.1e}, final latents "
               f"rel. error {latent_error:.1e}")
