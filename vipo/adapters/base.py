@@ -117,20 +117,3 @@ class Adapter(abc.ABC):
     def to_unit(pixels: torch.Tensor) -> torch.Tensor:
         """VAE output in [-1, 1] -> float32 in [0, 1]."""
         return (pixels.float() / 2 + 0.5).clamp(0, 1)
-
-
-# arch -> (module, class); imported lazily so that only the chosen model's code loads.
-ADAPTERS = {"sd3": ("sd3", "SD3Adapter"), "flux": ("flux", "FluxAdapter"),
-            "wan": ("wan", "WanAdapter"), "qwenimage": ("qwenimage", "QwenImageAdapter"),
-            "flux2": ("flux2", "Flux2Adapter"), "zimage": ("zimage", "ZImageAdapter"),
-            "wan22": ("wan22", "Wan22Adapter")}
-
-
-def get_adapter(arch: str):
-    """The adapter class for ``arch``."""
-    import importlib
-
-    if arch not in ADAPTERS:
-        raise ValueError(f"model.arch must be one of {', '.join(ADAPTERS)}; got {arch!r}")
-    module, name = ADAPTERS[arch]
-    return getattr(importlib.import_module(f".{module}", __package__), name)
