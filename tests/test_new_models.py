@@ -265,3 +265,120 @@ def test_presets_and_schedule_checks():
         cfg.apply_overrides(overrides)
         with pytest.raises(ConfigError, match=field):
             cfg.validate()
+
+
+# ---- Wan 2.2: both experts in training -----------------------------------------------------
+def expert_changes(before: dict, pair) -> set:
+    """The experts (high, low) with a changed weight."""
+    after = pair.state_dict()
+    return {k.split(".")[0] for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_wan22_trains_both_experts_and_saves_each(lora, cache, tmp_path, monkeypatch):
+    """With 3 steps the first trainable step belongs to the high-noise expert and the second
+    to the low-noise one: both move, and each is saved as its pipeline component, which plain
+    diffusers loads (transformer/ and transformer_2/, or the two LoRA files)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from .test_train import check_run, run_two_steps
+
+    monkeypatch.setenv("VIPO_TINY_CACHE", str(cache))
+    cfg = train_cfg("wan22", tmp_path, **({"lora_rank": 4} if lora else {}))
+    trainer, result, frozen, trainable, weights = run_two_steps(cfg)
+    del frozen["transformer_2"]  # trained here, as part of the pair
+    check_run(trainer, result, frozen, trainable, weights)
+    pair = trainer.adapter.transformer
+    assert [len(p) for p in trainer.step_pools] == [1, 1]  # steps 0 (high) and 1 (low)
+    assert expert_changes(weights, pair) == {"high", "low"}
+    folder = result["run_dir"] / "checkpoints" / "final"
+    if lora:
+        pipe = WanPipeline.from_pretrained(cache / "wan22")
+        pipe.load_lora_weights(folder)
+        pipe.load_lora_weights(folder, load_into_transformer_2=True,
+                               weight_name="pytorch_lora_weights_transformer_2.safetensors")
+        for ours, theirs in ((pair.high, pipe.transformer), (pair.low, pipe.transformer_2)):
+            mine, loaded = lora_weights(ours), lora_weights(theirs)
+            assert mine and mine.keys() == loaded.keys()
+            assert all(torch.equal(mine[n], loaded[n]) for n in mine)
+    else:
+        for ours, component in ((pair.high, "transformer"), (pair.low, "transformer_2")):
+            loaded = WanTransformer3DModel.from_pretrained(folder / component).state_dict()
+            assert all(torch.equal(v, ours.state_dict()[k]) for k, v in loaded.items())
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_wan22_trains_only_the_named_expert(cache, tmp_path, monkeypatch, capsys):
+    from vipo.train import main
+
+    from .test_train import run_two_steps
+
+    monkeypatch.setenv("VIPO_TINY_CACHE", str(cache))
+    cfg = train_cfg("wan22", tmp_path, experts=["low"], timestep_fraction=0.5)
+    trainer, result, _, trainable, weights = run_two_steps(cfg)
+    assert trainable and all(n.startswith("low.") for n in trainable)
+    assert expert_changes(weights, trainer.adapter.transformer) == {"low"}
+    folder = result["run_dir"] / "checkpoints" / "final"
+    assert (folder / "transformer_2").is_dir() and not (folder / "transformer").exists()
+    # The high-noise expert owns 1 of the 2 trainable steps; training 2 of them is refused.
+    from .run_helpers import reset_accelerate
+
+    reset_accelerate()
+    code = main(["tiny", "arch=wan22", "path=tiny", "num_steps=3", "experts=high",
+                 "timestep_fraction=1.0", "num_frames=5", f"output_dir={tmp_path / 'bad'}",
+                 "progress=false", "eval_every=-1"])
+    assert code == 2 and "model.experts" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.parametrize("variant", [["ema_decay=0.9"], ["lora_rank=2"]], ids=["full", "lora"])
+def test_wan22_resume_is_bit_identical(variant, cache, tmp_path, monkeypatch):
+    """Stopped after iteration 2 and resumed: both experts' weights, the EMA and the optimiser
+    steps end as in the uninterrupted run (4 steps: 2 trainable steps per expert, 2 of the 3
+    trained per sample, one of each)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from vipo.checkpointing import read_state
+
+    from .run_helpers import run
+
+    monkeypatch.setenv("VIPO_TINY_CACHE", str(cache))
+    args = ["arch=wan22", "path=tiny", "height=32", "width=48", "num_frames=5",
+            "max_sequence_length=16", "guidance_scale=2.0", "num_steps=4",
+            "timestep_fraction=0.67", "group_size=2", "prompts_per_iter=2",
+            "sample_batch_size=4", "train_batch_size=2", "grad_accum=2", "iterations=4",
+            "checkpoint_every=2", "lr_warmup_steps=3", "lr=1e-3", "backbone=tiny",
+            "eval_every=-1", "image_every=0", "tensorboard=false", "progress=false",
+            f"output_dir={tmp_path}", "run_name=whole", *variant]
+    assert run("tiny", *args) == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "checkpoints" / "final")
+    assert run(f"resume={cut}", f"output_dir={tmp_path}") == 0
+    final = [d / "checkpoints" / "final" for d in (tmp_path / "whole", cut)]
+    files = ["pytorch_lora_weights.safetensors",
+             "pytorch_lora_weights_transformer_2.safetensors"] if "lora" in variant[0] else \
+        [f"{c}/diffusion_pytorch_model.safetensors" for c in ("transformer", "transformer_2")] + \
+        ["ema.safetensors"]
+    for name in files:
+        whole, resumed = (load_file(f / name) for f in final)
+        assert whole.keys() == resumed.keys() and whole
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    assert read_state(final[0])["optimizer_steps"] == read_state(final[1])["optimizer_steps"]
+
+
+def test_expert_step_draws():
+    from vipo.experts import draw_steps, quotas
+
+    assert quotas(4, [2, 5]) == [1, 3] and quotas(2, [1, 1]) == [1, 1]
+    assert quotas(3, [1, 9]) == [0, 3] and quotas(5, [1, 4]) == [1, 4]
+    pools = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5, 6, 7, 8])]
+    steps = draw_steps(pools, 50, 4, False, torch.Generator().manual_seed(0))
+    # Every sample: 1 high-noise step, then 3 low-noise ones, all distinct.
+    assert bool((steps[:, :1] <= 2).all()) and bool((steps[:, 1:] >= 3).all())
+    assert all(len(set(row.tolist())) == 4 for row in steps)
+    assert len(set(steps[:, 0].tolist())) == 3  # random within the pool
+    assert draw_steps(pools, 2, 4, True, None).tolist() == [[0, 1, 2, 3]] * 2

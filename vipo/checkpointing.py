@@ -2,7 +2,9 @@
 
 A checkpoint folder ``<run>/checkpoints/<tag>/`` holds
   transformer/ or pytorch_lora_weights.safetensors   the trained weights, loadable by plain
-                                 diffusers (``from_pretrained`` / ``pipe.load_lora_weights``)
+                                 diffusers (``from_pretrained`` / ``pipe.load_lora_weights``;
+                                 Wan 2.2's low-noise expert: transformer_2/ or
+                                 pytorch_lora_weights_transformer_2.safetensors)
   ema.safetensors                the EMA weights, when enabled
   optimizer.pt                   AdamW state (tensors and numbers only: torch.load with
                                  weights_only=True reads it)
@@ -134,18 +136,37 @@ def save_checkpoint(folder: Path, parts: Trained, state: dict, rng: dict) -> Pat
     return final
 
 
-def _write_weights(parts: Trained, folder: Path, weights: dict) -> None:
-    model = parts.module
-    if parts.lora_pipeline is not None:
-        from peft.utils import get_peft_model_state_dict
+def components(model) -> list:
+    """(pipeline component, state-dict prefix, module) of each diffusers model the trained
+    module holds: the transformer itself, or the trained experts of a vipo.experts.ExpertPair
+    (written as ``transformer`` / ``transformer_2``)."""
+    named = getattr(model, "diffusers_components", None)
+    return named() if named is not None else [("transformer", "", model)]
 
-        lora = get_peft_model_state_dict(model, state_dict=weights)
-        parts.lora_pipeline.save_lora_weights(
-            folder, transformer_lora_layers={k: v.contiguous().cpu() for k, v in lora.items()},
-            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-            safe_serialization=True)
-    else:
-        write_diffusers_model(model, weights, folder / "transformer")
+
+def lora_file(component: str) -> str:
+    """The LoRA file of a pipeline component: diffusers' default name for the transformer;
+    ``pipe.load_lora_weights(folder, weight_name=..., load_into_transformer_2=True)`` reads
+    transformer_2's."""
+    if component == "transformer":
+        return LORA_FILE
+    return f"pytorch_lora_weights_{component}.safetensors"
+
+
+def _write_weights(parts: Trained, folder: Path, weights: dict) -> None:
+    for component, prefix, module in components(parts.module):
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if parts.lora_pipeline is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(module, state_dict=own)
+            parts.lora_pipeline.save_lora_weights(
+                folder, weight_name=lora_file(component),
+                transformer_lora_layers={k: v.contiguous().cpu() for k, v in lora.items()},
+                transformer_lora_adapter_metadata=module.peft_config["default"].to_dict(),
+                safe_serialization=True)
+        else:
+            write_diffusers_model(module, own, folder / component)
 
 
 def write_diffusers_model(model, weights: dict, folder: Path, max_shard_size="10GB") -> None:
@@ -200,14 +221,19 @@ def load_checkpoint(folder: Path, parts: Trained) -> tuple[dict, dict | None]:
                               f"{STATE}")
     acc = parts.accelerator
     main = acc.is_main_process or not sharding.is_sharded(parts.model)
-    if parts.lora_pipeline is not None:
-        lora = _read_safetensors(folder / LORA_FILE) if main else {}
-        weights = _lora_to_model_keys(parts.module, lora)
-        where = folder / LORA_FILE
-    else:
-        weights = _read_full(folder / "transformer") if main else {}
-        where = folder / "transformer"
+    weights, written = {}, []
+    for component, prefix, module in components(parts.module):
+        if parts.lora_pipeline is not None:
+            where = folder / lora_file(component)
+            own = _lora_to_model_keys(module, _read_safetensors(where)) if main else {}
+        else:
+            where = folder / component
+            own = _read_full(where) if main else {}
+        weights.update({prefix + k: v for k, v in own.items()})
+        written.append(prefix)
     missing, unexpected = sharding.load_model_state_dict(parts.module, weights)
+    # Weights the checkpoint does not hold: a frozen expert's (it has no component folder).
+    missing = [k for k in missing if k.startswith(tuple(written))]
     trained = set(parts.trained_names())
     if unexpected or (parts.lora_pipeline is None and missing) or \
             (parts.lora_pipeline is not None and trained & set(missing)):

@@ -82,6 +82,9 @@ class ModelConfig:
                                "unconditional branch runs without grad", bounds="[0, inf)")
     guidance_scale_2: float = _f(0.0, "wan22: CFG scale of the low-noise expert's steps (0: "
                                  "guidance_scale)", bounds="[0, inf)")
+    experts: list = _f(["high", "low"], "wan22: the experts trained, high (transformer, the "
+                       "high-noise steps) and/or low (transformer_2); each sample's trained steps "
+                       "are drawn from the steps they own (vipo/experts.py)")
     negative_prompt: str = _f("", "negative prompt of the CFG unconditional branch (not flux)")
     max_sequence_length: int = _f(512, "token length of prompt embeddings (T5, or the LLM text "
                                   "encoder's; qwenimage and zimage keep up to this many)",
@@ -374,6 +377,7 @@ class Config:
         _check_fields(self)
         _check_steps(self)
         _check_shapes(self)
+        _check_experts(self)
         _check_batches(self)
         _check_rewards(self)
         return self
@@ -417,6 +421,12 @@ def _check_shapes(cfg: Config) -> None:
     else:
         _need(m.num_frames == 1, "model.num_frames", f"must be 1 for the image model "
               f"arch={m.arch}", m.num_frames)
+
+
+def _check_experts(cfg: Config) -> None:
+    e = cfg.model.experts
+    _need(bool(e) and set(e) <= {"high", "low"} and len(set(e)) == len(e), "model.experts",
+          "must name high, low or both, once each", e)
 
 
 def _check_batches(cfg: Config) -> None:

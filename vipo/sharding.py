@@ -31,7 +31,8 @@ def shard(model: nn.Module, precision: str) -> nn.Module:
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
-    units = blocks(model)
+    # A model of several transformers (vipo.experts.ExpertPair) names its own units.
+    units = model.shard_units() if hasattr(model, "shard_units") else blocks(model)
     if not units:
         raise ValueError(f"train.fsdp: {type(model).__name__} has no ModuleList of blocks to "
                          f"shard")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import faults
+from . import experts, faults
 from .distributed import PromptSampler, global_advantages, group_generator, reduce_stats
 from .errors import ConfigError, TrainingError
 from .logging_utils import PhaseTimer
@@ -63,7 +63,8 @@ def make_accelerator(cfg):
     t, cuda = cfg.train, torch.cuda.is_available()
     accum = (t.grad_accum // t.train_batch_size) * cfg.train_steps_per_sample
     acc = Accelerator(cpu=not cuda, gradient_accumulation_steps=accum,
-                      mixed_precision="bf16" if precision_of(cfg) == "bf16" else "no")
+                      mixed_precision="bf16" if precision_of(cfg) == "bf16" else "no",
+                      kwargs_handlers=experts.ddp_kwargs(cfg))
     if acc.distributed_type == DistributedType.FSDP:
         raise ConfigError("train.fsdp: vipo shards the transformer itself (torch FSDP2, "
                           "train.fsdp=true); launch with a MULTI_GPU accelerate config such as "
@@ -104,6 +105,8 @@ class Trainer:
         from .rollout import Schedule
 
         self.schedule = Schedule.build(cfg.sample, acc.device, self.adapter)
+        # Wan 2.2: the trainable steps each trained expert owns (None: one transformer).
+        self.step_pools = experts.step_pools(self.adapter, self.schedule, cfg)
         self.timer = PhaseTimer(acc.device)
         self.stepped = False        # an optimiser step was taken in this iteration
         self.skipped_steps = 0      # steps skipped in this iteration
@@ -338,7 +341,11 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.state.rng.getrandbits(63))
         order = torch.randperm(n, generator=gen)
         trainable, count = self.cfg.sample.num_steps - 1, self.cfg.train_steps_per_sample
-        if self.cfg.train.timestep_order == "first":
+        if self.step_pools is not None:  # experts: the same expert at each position
+            gen = torch.Generator().manual_seed(self.state.rng.getrandbits(63))
+            steps = experts.draw_steps(self.step_pools, n, count,
+                                       self.cfg.train.timestep_order == "first", gen)
+        elif self.cfg.train.timestep_order == "first":
             steps = torch.arange(count).expand(n, count)
         else:
             gen = torch.Generator().manual_seed(self.state.rng.getrandbits(63))

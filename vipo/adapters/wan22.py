@@ -9,56 +9,17 @@ high-noise expert with ``guidance_scale``, every later step the low-noise expert
 pipeline's None); everything else as Wan 2.1 (vipo/adapters/wan.py). Schedule: the
 pipeline's scheduler levels for N steps (``sigma_schedule=pipeline``); with the shipped
 UniPC scheduler the rollout steps Euler/SDE along UniPC's levels (not its multistep update).
-Changed: the two experts are one module (``ExpertPair``) that routes each sample of a batch
-by its own timestep, so a training micro-batch may mix steps of both experts.
+Changed: the two experts are one module (``vipo.experts.ExpertPair``) that routes each
+sample of a batch by its own timestep; training (which expert, ``model.experts``) is
+vipo/experts.py's.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..experts import ExpertPair
 from .wan import WanAdapter
-
-
-class ExpertPair(torch.nn.Module):
-    """``high`` (the pipeline's transformer) for timesteps >= ``boundary``, ``low``
-    (transformer_2) below; called like one WanTransformer3DModel with return_dict=False."""
-
-    def __init__(self, high, low, boundary: float):
-        super().__init__()
-        self.high, self.low = high, low
-        self.boundary = float(boundary)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.high.dtype
-
-    @property
-    def config(self):
-        return self.high.config
-
-    def owners(self, timestep: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: True where the high-noise expert owns the step."""
-        return timestep >= self.boundary
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False,
-                **kwargs):
-        high = self.owners(timestep)
-        parts = [(self.high, high), (self.low, ~high)]
-        if bool(high.all()) or not bool(high.any()):  # one expert: no split
-            expert = self.high if bool(high.all()) else self.low
-            return expert(hidden_states=hidden_states, timestep=timestep,
-                          encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                          **kwargs)
-        out = None
-        for expert, rows in parts:
-            part = expert(hidden_states=hidden_states[rows], timestep=timestep[rows],
-                          encoder_hidden_states=encoder_hidden_states[rows], return_dict=False,
-                          **kwargs)[0]
-            if out is None:
-                out = part.new_empty((hidden_states.shape[0], *part.shape[1:]))
-            out[rows] = part
-        return (out,)
 
 
 class Wan22Adapter(WanAdapter):
@@ -75,7 +36,8 @@ class Wan22Adapter(WanAdapter):
         if pipe.config.get("expand_timesteps"):
             raise ValueError("model.path: Wan 2.2 TI2V (expand_timesteps) is not supported")
         boundary = ratio * pipe.scheduler.config.num_train_timesteps
-        self.transformer = ExpertPair(pipe.transformer, pipe.transformer_2, boundary)
+        self.transformer = ExpertPair(pipe.transformer, pipe.transformer_2, boundary,
+                                      trained=cfg.experts)
 
     def guide(self, v_cond, v_uncond, timesteps):
         second = self.cfg.guidance_scale_2 or self.cfg.guidance_scale
