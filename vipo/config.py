@@ -688,38 +688,31 @@ _VIPO_TRAIN = {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-
 _LORA = {"lora_rank": 32, "lora_alpha": 64, "lr": 3e-4}
 _PSM = {"backbone": "facebook/dinov2-large", "n_components": 3, "aggregation": "weighted",
         "psm_sigma": 1.0}
+
+
+def _image_vipo(model: dict, train: dict) -> dict:
+    """An image preset: ``model`` (gradient checkpointing on) and the image RL recipe."""
+    return {"model": {**model, "gradient_checkpointing": True},
+            "sample": {**_IMAGE_RL, "num_steps": 8},
+            "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
+            "train": {**_VIPO_TRAIN, **train, "iterations": 300},
+            "run": {"image_every": 10, "checkpoint_every": 50}}
+
+
 PRESETS.update({
     # Qwen/Qwen-Image: 1328x1328 (its 1:1 size), true_cfg_scale 4 with the negative " ".
-    "qwenimage_vipo": {
-        "model": {"arch": "qwenimage", "path": "Qwen/Qwen-Image", "height": 1328,
-                  "width": 1328, "guidance_scale": 4.0, "negative_prompt": " ",
-                  "max_sequence_length": 512, "gradient_checkpointing": True},
-        "sample": {**_IMAGE_RL, "num_steps": 8},
-        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
-        "train": {**_VIPO_TRAIN, **_LORA, "iterations": 300},
-        "run": {"image_every": 10, "checkpoint_every": 50},
-    },
+    "qwenimage_vipo": _image_vipo(
+        {"arch": "qwenimage", "path": "Qwen/Qwen-Image", "height": 1328, "width": 1328,
+         "guidance_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 512}, _LORA),
     # black-forest-labs/FLUX.2-klein-base-4B: the undistilled klein, 1024x1024, CFG 4 against
     # the empty prompt (the step-distilled FLUX.2-klein-4B runs without CFG: guidance 1).
-    "flux2_klein_vipo": {
-        "model": {"arch": "flux2", "path": "black-forest-labs/FLUX.2-klein-base-4B",
-                  "height": 1024, "width": 1024, "guidance_scale": 4.0,
-                  "max_sequence_length": 512, "gradient_checkpointing": True},
-        "sample": {**_IMAGE_RL, "num_steps": 8},
-        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
-        "train": {**_VIPO_TRAIN, "lr": 1e-5, "iterations": 300},
-        "run": {"image_every": 10, "checkpoint_every": 50},
-    },
+    "flux2_klein_vipo": _image_vipo(
+        {"arch": "flux2", "path": "black-forest-labs/FLUX.2-klein-base-4B", "height": 1024,
+         "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}, {"lr": 1e-5}),
     # Tongyi-MAI/Z-Image-Turbo: 1024x1024, 8 steps, guidance 0 (no CFG).
-    "zimage_vipo": {
-        "model": {"arch": "zimage", "path": "Tongyi-MAI/Z-Image-Turbo", "height": 1024,
-                  "width": 1024, "guidance_scale": 0.0, "max_sequence_length": 512,
-                  "gradient_checkpointing": True},
-        "sample": {**_IMAGE_RL, "num_steps": 8},
-        "reward": {"reward": ["hpsv2"], "eps_std": 1e-8}, "psm": _PSM,
-        "train": {**_VIPO_TRAIN, "lr": 1e-5, "iterations": 300},
-        "run": {"image_every": 10, "checkpoint_every": 50},
-    },
+    "zimage_vipo": _image_vipo(
+        {"arch": "zimage", "path": "Tongyi-MAI/Z-Image-Turbo", "height": 1024, "width": 1024,
+         "guidance_scale": 0.0, "max_sequence_length": 512}, {"lr": 1e-5}),
     # Wan-AI/Wan2.2-T2V-A14B-Diffusers: 480P (832x480), 81 frames, CFG 4 (high-noise expert)
     # and 3 (low-noise), the Wan negative prompt; both experts trained.
     "wan22_vipo": {

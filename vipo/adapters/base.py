@@ -89,6 +89,12 @@ class Adapter(abc.ABC):
         return scheduler.sigmas.to(torch.float32)
 
     # ---- shared ---------------------------------------------------------------------------
+    def packed_grid(self) -> tuple:
+        """(H, W) latent sides of a model on 2x2 latent patches: the pipelines' rule, each
+        side rounded down to an even number."""
+        factor = self.pipe.vae_scale_factor
+        return 2 * (self.cfg.height // (factor * 2)), 2 * (self.cfg.width // (factor * 2))
+
     def velocity(self, model, latents, timesteps, cond: dict) -> torch.Tensor:
         """Guided velocity (METHOD.md 7). With CFG the two branches are combined by
         ``guide`` (v = v_u + w (v_c - v_u) by default) and the unconditional one runs

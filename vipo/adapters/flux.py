@@ -40,10 +40,7 @@ class FluxAdapter(Adapter):
         return {"prompt_embeds": embeds, "pooled": pooled}
 
     def latent_shape(self) -> tuple:
-        factor = self.pipe.vae_scale_factor
-        # The pipeline's rule: latent sides rounded down to even numbers for 2x2 packing.
-        return (self.transformer.config.in_channels // 4, 2 * (self.cfg.height // (factor * 2)),
-                2 * (self.cfg.width // (factor * 2)))
+        return (self.transformer.config.in_channels // 4, *self.packed_grid())
 
     def forward(self, model, latents, timesteps, cond, negative=False):
         from diffusers import FluxPipeline

@@ -58,9 +58,7 @@ class Flux2Adapter(Adapter):
         return embeds  # (B, L, 3D); the text ids are rebuilt from L in forward
 
     def latent_shape(self) -> tuple:
-        factor = self.pipe.vae_scale_factor
-        return (self.transformer.config.in_channels // 4,
-                2 * (self.cfg.height // (factor * 2)), 2 * (self.cfg.width // (factor * 2)))
+        return (self.transformer.config.in_channels // 4, *self.packed_grid())
 
     def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu

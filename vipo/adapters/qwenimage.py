@@ -75,9 +75,7 @@ class QwenImageAdapter(Adapter):
         return {"prompt_embeds": embeds, "prompt_mask": mask}
 
     def latent_shape(self) -> tuple:
-        factor = self.pipe.vae_scale_factor
-        return (self.transformer.config.in_channels // 4,
-                2 * (self.cfg.height // (factor * 2)), 2 * (self.cfg.width // (factor * 2)))
+        return (self.transformer.config.in_channels // 4, *self.packed_grid())
 
     def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift

@@ -58,9 +58,7 @@ class ZImageAdapter(Adapter):
         return {"prompt_embeds": padded, "prompt_lengths": lengths}
 
     def latent_shape(self) -> tuple:
-        factor = self.pipe.vae_scale_factor
-        return (self.transformer.config.in_channels, 2 * (self.cfg.height // (factor * 2)),
-                2 * (self.cfg.width // (factor * 2)))
+        return (self.transformer.config.in_channels, *self.packed_grid())
 
     def pipeline_sigmas(self, num_steps: int) -> torch.Tensor:
         from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift,
