@@ -81,7 +81,8 @@ def ddp_kwargs(cfg) -> list:
 class ExpertPair(torch.nn.Module):
     """``high`` (the pipeline's transformer) for timesteps >= ``boundary``, ``low``
     (transformer_2) below; called like one WanTransformer3DModel with return_dict=False,
-    routing each sample of a batch by its own timestep. ``trained``: the experts that
+    routing each sample of a batch by its own timestep (read on the host: one
+    synchronisation per forward). ``trained``: the experts that
     ``requires_grad_(True)``, ``add_adapter`` and the checkpoints cover."""
 
     def __init__(self, high, low, boundary: float, trained=EXPERTS):

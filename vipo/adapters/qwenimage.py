@@ -14,7 +14,8 @@ Follows diffusers' QwenImagePipeline.__call__ (v0.42.1):
 Changed: the loss sees unpacked (B, C, H, W) latents (packing is a permutation); prompt
 embeddings are stored padded to ``max_sequence_length`` with their mask and cut back to the
 longest prompt of each batch, which is what the pipeline pads to (the extra columns are
-masked out of attention, so this is exact); the unconditional branch runs without grad.
+masked out of attention, so this is exact; finding that length reads the mask on the host,
+one synchronisation per forward); the unconditional branch runs without grad.
 """
 
 from __future__ import annotations

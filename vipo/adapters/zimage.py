@@ -14,8 +14,9 @@ Follows diffusers' ZImagePipeline.__call__ (v0.42.1):
              cfg_truncation=1 (neither changes anything) are the only ones supported;
   decoding   latents / scaling_factor + shift_factor.
 Changed: the prompt sequences are stored zero-padded to ``max_sequence_length`` with their
-lengths and cut back to the exact lengths for each pass; the two CFG branches run as two
-passes (the pipeline batches them), the unconditional one without grad.
+lengths and cut back to the exact lengths for each pass (reading the lengths on the host,
+one synchronisation per forward); the two CFG branches run as two passes (the pipeline
+batches them), the unconditional one without grad.
 """
 
 from __future__ import annotations
