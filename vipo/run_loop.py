@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpointing import Trained, load_checkpoint, prune, read_state, save_checkpoint
+from .checkpointing import (Trained, complete_checkpoints, load_checkpoint, prune, read_state,
+                            save_checkpoint)
 from .errors import CheckpointError
 from .logging_utils import MetricsLogger, first_frames, save_grid, summary_line
 from .plots import plot_curves
@@ -131,7 +132,24 @@ class RunLoop:
             self.trainer.state.load_rng_state(rng)
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.last_checkpoint = folder
+        if self.accelerator.is_main_process:
+            self._set_aside_later(folder, state["iteration"])
         logger.info("resuming %s from iteration %d", folder, self.trainer.state.iteration)
+
+    def _set_aside_later(self, folder: Path, iteration: int) -> None:
+        """Resuming from a checkpoint older than the run's newest branches the run: the later
+        checkpoints (and a ``final``) move to ``checkpoints/.abandoned-<time>/``, so that
+        neither ``resume=`` nor pruning mistakes the abandoned future for this run's."""
+        later = [c for c in complete_checkpoints(self.run_dir) if c != folder and
+                 (read_state(c)["iteration"] > iteration or c.name == "final")]
+        if not later:
+            return
+        aside = self.run_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for c in later:
+            c.rename(aside / c.name)
+        logger.warning("resuming from %s, older than the run's newest checkpoint: a branch; "
+                       "moved %s to %s", folder.name, ", ".join(c.name for c in later), aside)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, tag: str, kind: str, snapshot=None) -> Path:
@@ -358,4 +376,8 @@ class RunLoop:
         """Where the run's state is, for the one-line messages of ``vipo.train``."""
         if self.last_checkpoint is None:
             return "no checkpoint saved"
-        return f"checkpoint {self.last_checkpoint}; continue with resume={self.run_dir}"
+        # resume=<run> takes its newest checkpoint: name the saved one when that is another
+        newest = complete_checkpoints(self.run_dir)
+        target = self.run_dir if newest and newest[-1] == self.last_checkpoint else \
+            self.last_checkpoint
+        return f"checkpoint {self.last_checkpoint}; continue with resume={target}"
