@@ -141,3 +141,55 @@ def test_resume_from_an_older_checkpoint_branches(tiny_world, tmp_path, caplog):
     final = tmp_path / "c" / "checkpoints" / "final"
     assert read_state(final)["iteration"] == 3 == len(read_metrics(tmp_path / "c" / "metrics.csv"))
     assert [c.name for c in complete_checkpoints(tmp_path / "c")] == ["iter000002", "final"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vipo.train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_full_disk_at_a_periodic_save(tiny_world, tmp_path, monkeypatch, capsys):
+    """A patched writer raising ENOSPC at the second periodic save (torch.save's own message
+    would be 'unexpected pos'): one line naming the full disk, no half-written folder, the
+    first checkpoint kept and resumable."""
+
+    import vipo.checkpointing as ck
+
+    original, calls = ck._write_weights, []
+
+    def write(parts, folder, weights):
+        calls.append(folder)
+        if len(calls) == 2:
+            (folder / "junk").write_bytes(b"x" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        original(parts, folder, weights)
+
+    monkeypatch.setattr(ck, "_write_weights", write)
+    real_usage = ck.shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(
+        free=0 if len(calls) == 2 else real_usage(p).free))
+    assert run(*run_args(tiny_world, tmp_path, "p", iterations=3, checkpoint_every=1)) == 1
+    line = _one_line(capsys)
+    assert "No space left on device" in line and "iter000002 not saved" in line, line
+    assert "half-written files were removed" in line and "resume=" in line, line
+    assert not list((tmp_path / "p" / "checkpoints").glob(".partial-*"))
+    assert [c.name for c in complete_checkpoints(tmp_path / "p")] == ["iter000001"]
+
+
+def test_free_space_is_checked_before_the_final_save(tiny_world, tmp_path, monkeypatch,
+                                                     capsys):
+    """Too little free space for the final checkpoint (a patched disk_usage): one line says
+    how much is needed and where, and which checkpoint is kept (the previous final)."""
+    import vipo.checkpointing as ck
+
+    assert run(*run_args(tiny_world, tmp_path, "f", iterations=2, checkpoint_every=1)) == 0
+    real_usage = ck.shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    assert run(f"resume={tmp_path / 'f'}", f"output_dir={tmp_path}", "iterations=3") == 1
+    line = _one_line(capsys)
+    assert "not enough disk space for checkpoint final: it needs about" in line, line
+    final = tmp_path / "f" / "checkpoints" / "final"
+    assert str(final.parent) in line and f"checkpoint {final}; continue with resume=" in line
+    assert read_state(final)["iteration"] == 2  # the last good one, kept

@@ -167,7 +167,20 @@ def warn_on_failure(what: str):
     try:
         yield
     except OSError as err:
-        logger.warning("could not write %s (%s); training goes on", what, err)
+        logger.warning("could not write %s (%s); training goes on", what,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+@contextlib.contextmanager
+def remove_on_failure(*paths: Path):
+    """On an error, removes whichever of ``paths`` exist (a half-written or 0-byte image
+    would look like a result), then re-raises."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
 
 
 def one_line(err: BaseException) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpointing import (Trained, complete_checkpoints, load_checkpoint, prune, read_state,
-                            save_checkpoint)
+from .checkpointing import (Trained, complete_checkpoints, ensure_space, load_checkpoint,
+                            needed_bytes, prune, read_state, save_checkpoint)
 from .errors import CheckpointError
 from .logging_utils import MetricsLogger, first_frames, save_grid, summary_line
 from .plots import plot_curves
@@ -162,6 +162,7 @@ class RunLoop:
                          if k != "shadow_params"} if t.ema is not None else None,
                  "metric": self.history[-1].get(metric) if metric and self.history else None}
         self._saving = True  # stays set if the save fails: no crash checkpoint after that
+        self._check_space(tag)
         folder = save_checkpoint(self.run_dir / "checkpoints" / tag, self._parts(),
                                  {**snap.state, **extra}, snap.rng)
         self._saving = False
@@ -169,6 +170,21 @@ class RunLoop:
             prune(self.run_dir, self.cfg.run.keep_checkpoints, metric)
         self.last_checkpoint = folder
         return folder
+
+    def _check_space(self, tag: str) -> None:
+        """Free space for the checkpoint, checked by the main process for all of them."""
+        run, problem = self.cfg.run, None
+        if self.accelerator.is_main_process:
+            need = needed_bytes(self.run_dir, self._parts())
+            problem = ensure_space(self.run_dir, tag, need, run.keep_checkpoints, run.best_metric)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [problem]
+            broadcast_object_list(box)
+            problem = box[0]
+        if problem:
+            raise CheckpointError(problem)
 
     def _save_after_failure(self, err: BaseException) -> None:
         """A crash checkpoint: exact (the iteration's start) when no optimiser step had been
@@ -307,6 +323,10 @@ class RunLoop:
     def _save_images(self, it: int, media, maps) -> None:
         frames = first_frames(media)
         folder = self.run_dir / "samples"
+        with faults.remove_on_failure(folder / f"iter{it:06d}.png", folder / f"maps{it:06d}.png"):
+            self._write_images(it, frames, maps, folder)
+
+    def _write_images(self, it: int, frames, maps, folder: Path) -> None:
         save_grid(frames, folder / f"iter{it:06d}.png", nrow=self.cfg.sample.group_size)
         if maps is not None:
             from .psm import overlay

@@ -91,7 +91,7 @@ def main(argv: list | None = None) -> int:
         if debug:
             raise
         message = faults.one_line(err)
-        saved = "" if "checkpoint" in message else f"; {_saved(loop)}"
+        saved = "" if "resume=" in message else f"; {_saved(loop)}"
         print(f"vipo.train: error: {message}{saved} (--debug shows the traceback)",
               file=sys.stderr)
         return 1
