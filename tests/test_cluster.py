@@ -15,6 +15,7 @@ from vipo.checkpointing import complete_checkpoints, read_state
 from vipo.logging_utils import read_metrics
 
 from .run_helpers import TRAIN, run, run_args, started
+from .test_faults import one_line
 from .test_resume import same_run
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -143,13 +144,6 @@ def test_resume_from_an_older_checkpoint_branches(tiny_world, tmp_path, caplog):
     assert [c.name for c in complete_checkpoints(tmp_path / "c")] == ["iter000002", "final"]
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("vipo.train:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
 def test_full_disk_at_a_periodic_save(tiny_world, tmp_path, monkeypatch, capsys):
     """A patched writer raising ENOSPC at the second periodic save (torch.save's own message
     would be 'unexpected pos'): one line naming the full disk, no half-written folder, the
@@ -171,7 +165,7 @@ def test_full_disk_at_a_periodic_save(tiny_world, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(
         free=0 if len(calls) == 2 else real_usage(p).free))
     assert run(*run_args(tiny_world, tmp_path, "p", iterations=3, checkpoint_every=1)) == 1
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "No space left on device" in line and "iter000002 not saved" in line, line
     assert "half-written files were removed" in line and "resume=" in line, line
     assert not list((tmp_path / "p" / "checkpoints").glob(".partial-*"))
@@ -188,7 +182,7 @@ def test_free_space_is_checked_before_the_final_save(tiny_world, tmp_path, monke
     real_usage = ck.shutil.disk_usage
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
     assert run(f"resume={tmp_path / 'f'}", f"output_dir={tmp_path}", "iterations=3") == 1
-    line = _one_line(capsys)
+    line = one_line(capsys)
     assert "not enough disk space for checkpoint final: it needs about" in line, line
     final = tmp_path / "f" / "checkpoints" / "final"
     assert str(final.parent) in line and f"checkpoint {final}; continue with resume=" in line
