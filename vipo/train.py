@@ -26,7 +26,7 @@ def parse_args(args: list) -> Config:
     cfg = Config.from_name(DEFAULT_PRESET) if first is None else \
         Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else Config.from_name(first)
     cfg.apply_overrides(args)
-    if cfg.run.resume:
+    if cfg.run.resume and cfg.run.resume != "auto":  # auto: the command's own config
         from .run_dir import find_resume
 
         if first is not None:
@@ -75,6 +75,10 @@ def main(argv: list | None = None) -> int:
     except faults.RunStopped as stop:
         print(f"vipo.train: stopped by {stop}; {_saved(loop)}", file=sys.stderr)
         return 128 + stop.signum
+    except faults.StopNow as stop:  # while loading: nothing trained, nothing to save
+        print(f"vipo.train: stopped by {stop} before training started; nothing to save, the "
+              f"same command starts again", file=sys.stderr)
+        return 128 + stop.signum
     except (ConfigError, faults.LoadError) as err:
         if debug:
             raise
@@ -90,7 +94,7 @@ def main(argv: list | None = None) -> int:
         if debug:
             raise
         message = faults.one_line(err)
-        saved = "" if "checkpoint" in message else f"; {_saved(loop)}"
+        saved = "" if "resume=" in message else f"; {_saved(loop)}"
         print(f"vipo.train: error: {message}{saved} (--debug shows the traceback)",
               file=sys.stderr)
         return 1

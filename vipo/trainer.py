@@ -18,6 +18,7 @@ checks once for divergence; the rewards are gathered once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -112,6 +113,7 @@ class Trainer:
         self.skipped_steps = 0      # steps skipped in this iteration
         self._bad = None            # device flag: a non-finite loss since the last step
         self.onpolicy_checked = False
+        self.step_guard = contextlib.nullcontext  # the run loop's StopSignals.held
 
     # ------------------------------------------------------------------ setup
     def _prepare_model(self, precision: str) -> None:
@@ -408,7 +410,8 @@ class Trainer:
         bad = ~torch.isfinite(loss.detach())
         self._bad = bad if self._bad is None else self._bad | bad  # stays on the device
         if acc.sync_gradients:
-            out["grad_norm"] = self._optimizer_step()
+            with self.step_guard():  # a stop signal waits for the step to finish
+                out["grad_norm"] = self._optimizer_step()
         return out
 
     def _optimizer_step(self) -> torch.Tensor:
