@@ -369,6 +369,32 @@ def test_unreachable_hub_id(tiny_world, tmp_path, monkeypatch, capsys, key):
     line = one_line(capsys)
     assert "'no-such-org/no-such-model'" in line and \
         ("model.path" if key == "path" else "psm.backbone") in line, line
+    assert "HF_HUB_OFFLINE is set" in line, line
+    if key == "backbone":
+        assert loaded == []
+
+
+@pytest.mark.parametrize("typo", ["./sd3-typo", "../sd3-typo", "models/sd3-typo"])
+@pytest.mark.parametrize("key", ["path", "backbone"])
+def test_a_local_looking_path_is_never_sent_to_the_hub(tiny_world, tmp_path, monkeypatch,
+                                                       capsys, key, typo):
+    """A typo in a relative path ("./", "../", or a separator after an existing folder):
+    one line naming the field and the path, before any loader (and so the hub) is called."""
+    import huggingface_hub
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+    for fn in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, fn, lambda *a, **k: asked.append(a) or 1 / 0)
+    loaded = _loaded_adapters(monkeypatch)
+    assert run(*run_args(tiny_world, tmp_path, "typo", algorithm="vipo", **{key: typo})) == 2
+    line = one_line(capsys)
+    assert ("model.path" if key == "path" else "psm.backbone") in line and repr(typo) in line
+    assert "not looked up on the hub" in line and "HF_HUB_OFFLINE" not in line, line
+    assert asked == [] and not (tmp_path / "typo").exists()
     if key == "backbone":
         assert loaded == []
 
@@ -384,6 +410,7 @@ def test_reward_factory_failure_is_named_before_the_main_model(tiny_world, tmp_p
     assert run(*run_args(tiny_world, tmp_path, "rf", reward=f"{name}:factory")) == 2
     line = one_line(capsys)
     assert f"the reward '{name}:factory'" in line and "rm.safetensors" in line, line
+    assert "hub" not in line, line  # the hint is for hub errors only
     assert loaded == []
 
 
