@@ -193,6 +193,20 @@ def test_nonfinite_reward_names_sample_prompt_and_reward(tiny_world, tmp_path, r
     assert read_state(checkpoint)["iteration"] == 0 and read_state(checkpoint)["kind"] == "crash"
 
 
+@pytest.mark.parametrize("output", ["['good'] * len(prompts)", "'good'",
+                                    "[complex(1, 1)] * len(prompts)"])
+def test_a_reward_that_returns_no_numbers_is_named(tiny_world, tmp_path, reward_module, capsys,
+                                                   output):
+    name = reward_module(f"""
+        def factory(cfg, device):
+            return lambda images, prompts: {output}
+        """)
+    assert run(*run_args(tiny_world, tmp_path, "str", reward=f"{name}:factory")) == 1
+    line = one_line(capsys)
+    assert f"reward '{name}:factory' returned a " in line and "not numbers" in line, line
+    assert "too many dimensions" not in line
+
+
 def test_dropping_every_group_for_n_iterations_stops(tiny_world, tmp_path, reward_module,
                                                      capsys):
     name = reward_module("""
