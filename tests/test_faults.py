@@ -310,17 +310,45 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.parametrize("field", ["sample.prompts", "eval.eval_prompts"])
 @pytest.mark.parametrize("case", ["missing", "empty", "latin1"])
-def test_bad_prompt_file(tmp_path, capsys, case):
+def test_bad_prompt_file(tmp_path, capsys, case, field, monkeypatch):
+    """Both prompt sources are read before any model loads: one line, no run folder."""
+    loaded = _loaded_adapters(monkeypatch)
     path = tmp_path / "prompts.txt"
     if case == "empty":
         path.write_text("\n  \n")
     elif case == "latin1":
         path.write_bytes("une pomme rouge sur la table, très belle\n".encode("latin-1"))
-    assert run("tiny", f"prompts={path}", f"output_dir={tmp_path / 'runs'}") == 2
+    assert run("tiny", f"{field}={path}", "eval_every=5", f"output_dir={tmp_path / 'runs'}") == 2
     line = one_line(capsys)
-    assert "sample.prompts" in line and str(path) in line, line
-    assert not (tmp_path / "runs").exists()
+    assert field in line and str(path) in line, line
+    assert not (tmp_path / "runs").exists() and loaded == []
+
+
+@pytest.mark.parametrize("how", ["folder", "auto"])
+@pytest.mark.parametrize("override", ["lora_rank=4", "arch=flux", "path=PATH"])
+def test_overrides_a_resumed_run_cannot_take_are_named(tiny_world, tmp_path, capsys, how,
+                                                       override):
+    """Fields the checkpoint's weights depend on: one line naming the field; the run and
+    its checkpoint are left as they were."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world["sd3"], other)
+    override = override.replace("PATH", str(other))
+    first = run_args(tiny_world, tmp_path, "r", checkpoint_every=1, iterations=1,
+                     resume="auto" if how == "auto" else None)
+    assert run(*first) == 0
+    before = [c.name for c in complete_checkpoints(tmp_path / "r")]
+    capsys.readouterr()
+    again = first + [override, "iterations=2"] if how == "auto" else \
+        [f"resume={tmp_path / 'r'}", f"output_dir={tmp_path}", override, "iterations=2"]
+    assert run(*again) == 2
+    line = one_line(capsys)
+    key = {"lora": "train.lora_rank", "arch=": "model.arch", "path=": "model.path"}
+    assert next(v for k, v in key.items() if override.startswith(k)) + \
+        ": cannot change on resume" in line, line
+    assert [c.name for c in complete_checkpoints(tmp_path / "r")] == before
+    assert len(read_metrics(tmp_path / "r" / "metrics.csv")) == 1
 
 
 @pytest.mark.parametrize("text, message", [

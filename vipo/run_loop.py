@@ -75,6 +75,11 @@ class RunLoop:
 
                 folder, self._lock = lock_auto_run_dir(run.output_dir, run.run_name)
                 folder, resumable = auto_run_dir(run.output_dir, run.run_name)
+                if resumable:  # the requeued command may not change what the weights are
+                    from .config import Config, check_resume_compatible
+
+                    saved = Config.from_yaml(folder / "config.yaml")
+                    check_resume_compatible(saved, self.cfg)
                 found = list(find_resume("auto", run.output_dir, run.run_name)) + [False] \
                     if resumable else [folder, None, True]
             elif run.resume:
