@@ -187,3 +187,29 @@ def test_free_space_is_checked_before_the_final_save(tiny_world, tmp_path, monke
     final = tmp_path / "f" / "checkpoints" / "final"
     assert str(final.parent) in line and f"checkpoint {final}; continue with resume=" in line
     assert read_state(final)["iteration"] == 2  # the last good one, kept
+
+
+def test_full_disk_at_the_final_save_retries_after_pruning(tiny_world, tmp_path, monkeypatch,
+                                                           caplog):
+    """A patched writer raising ENOSPC at the first try of the final save: the weights are
+    still in memory, the checkpoints keep_checkpoints allows to go are pruned and the final
+    is written on the second try."""
+    import errno
+
+    import vipo.checkpointing as ck
+
+    original, finals = ck._write_weights, []
+
+    def write(parts, folder, weights):
+        if "final" in folder.name:
+            finals.append(folder)
+            if len(finals) == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        original(parts, folder, weights)
+
+    monkeypatch.setattr(ck, "_write_weights", write)
+    assert run(*run_args(tiny_world, tmp_path, "r", iterations=3, checkpoint_every=1,
+                         keep_checkpoints=2)) == 0
+    assert len(finals) == 2 and "trying once more after removing older checkpoints" in caplog.text
+    assert [c.name for c in complete_checkpoints(tmp_path / "r")] == ["iter000002", "final"]
+    assert read_state(tmp_path / "r" / "checkpoints" / "final")["iteration"] == 3

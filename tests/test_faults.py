@@ -544,6 +544,8 @@ def test_full_disk_at_the_final_save_keeps_the_last_checkpoint(tiny_world, tmp_p
     assert run(*run_args(tiny_world, tmp_path, "full", iterations=3, checkpoint_every=2)) == 1
     line = one_line(capsys)
     assert "No space left on device" in line and "iter000002" in line, line
+    assert "kept: checkpoint iter000002 (iteration 2 of 3); the training of the last 1 " \
+        "iteration is lost" in line, line
     assert [c.name for c in complete_checkpoints(tmp_path / "full")] == ["iter000002"]
     monkeypatch.setattr(ck, "_write_weights", original)
     assert run(f"resume={tmp_path / 'full'}", f"output_dir={tmp_path}") == 0

@@ -176,6 +176,37 @@ class RunLoop:
         self.last_checkpoint = folder
         return folder
 
+    def _save_final(self) -> None:
+        """The final checkpoint. When its write fails (a full disk) the weights are still in
+        memory: one more try after pruning what keep_checkpoints allows (one process; several
+        would have to agree), else one line saying exactly what is kept."""
+        try:
+            self.checkpoint("final", "final")
+            return
+        except CheckpointError as err:
+            failed = err
+        run = self.cfg.run
+        if self.accelerator.num_processes == 1 and \
+                prune(self.run_dir, max(run.keep_checkpoints - 1, 1), run.best_metric):
+            logger.warning("%s; trying once more after removing older checkpoints", failed)
+            try:
+                self.checkpoint("final", "final")
+                return
+            except CheckpointError as err:
+                failed = err
+        raise CheckpointError(f"{failed}; {self._kept()}") from None
+
+    def _kept(self) -> str:
+        """What the run keeps when its final checkpoint could not be written."""
+        total, kept = self.cfg.train.iterations, self.last_checkpoint
+        state = kept and read_state(kept)
+        if not state:
+            return f"no checkpoint of this run is kept: the training of all {total} " \
+                f"iterations is lost (metrics.csv is kept)"
+        lost = total - state["iteration"]
+        return f"kept: checkpoint {kept.name} (iteration {state['iteration']} of {total}); " \
+            f"the training of the last {lost} iteration{'s' * (lost != 1)} is lost"
+
     def _check_space(self, tag: str) -> None:
         """Free space for the checkpoint, checked by the main process for all of them."""
         run, problem = self.cfg.run, None
@@ -278,7 +309,7 @@ class RunLoop:
                     with at_once():
                         self.evaluate(cfg.train.iterations)
                     if saving:
-                        self.checkpoint("final", "final")
+                        self._save_final()
                 except faults.StopNow as now:
                     if saving:
                         self._save_on_stop()
