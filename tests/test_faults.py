@@ -522,6 +522,29 @@ def test_failed_tensorboard_write_warns(tiny_world, tmp_path, monkeypatch, caplo
     assert "TensorBoard logs disabled" in caplog.text
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_full_disk_in_the_tensorboard_writer_thread(tiny_world, tmp_path, monkeypatch, caplog,
+                                                    capsys):
+    """TensorBoard's own writer thread hits a full disk (its file writes patched to create
+    the file and raise ENOSPC, as a full disk does): one warning, no thread traceback (pytest
+    turns an unhandled thread exception into a warning, here an error), no 0-byte file left,
+    training goes on."""
+    from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
+
+    def full(self, filename, file_content, mode):
+        open(filename, mode).close()
+        _disk_full()
+
+    monkeypatch.setattr(LocalFileSystem, "_write", full)
+    assert run(*run_args(tiny_world, tmp_path, "tbt", tensorboard="true", iterations=3)) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    warnings = [r for r in caplog.records if "TensorBoard logs disabled" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert not [p for p in (tmp_path / "tbt").rglob("*") if p.is_file() and
+                p.stat().st_size == 0]
+    assert len(read_metrics(tmp_path / "tbt" / "metrics.csv")) == 3
+
+
 def test_failed_metrics_write_is_an_error(tiny_world, tmp_path, monkeypatch, capsys):
     from vipo.logging_utils import MetricsLogger
 
