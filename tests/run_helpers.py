@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,30 @@ def env(tmp_path) -> dict:
 
 
 TRAIN = [sys.executable, "-m", "vipo.train"]
+
+
+def launch(processes: int = 2, target: list | None = None) -> list:
+    """``accelerate launch`` of ``processes`` CPU processes (gloo), as a user would; the
+    target defaults to ``-m vipo.train``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port)] + \
+        (target or ["-m", "vipo.train"])
+
+
+def check_call(command: list, tmp_path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, cwd=tmp_path, env=env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def normwise(a: dict, b: dict) -> float:
+    """||a - b|| over every tensor of two state dicts."""
+    return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
 
 
 def reset_accelerate() -> None:

@@ -3,9 +3,6 @@ global batch; the prompt sampler and cross-process advantages on their own."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,54 +12,59 @@ from vipo.advantages import group_advantages
 from vipo.distributed import PromptSampler
 from vipo.logging_utils import read_metrics
 
-from .run_helpers import ROOT, TRAIN, WEIGHTS, env, run_args
+from .run_helpers import ROOT, TRAIN, WEIGHTS, check_call, launch, normwise, run_args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_with_the_same_global_batch(tiny_world, tmp_path):
-    """2 processes x 1 prompt (gloo, launched as a user would) end 2 optimiser steps with
-    the parameters of 1 process x 2 prompts, within fp32 rounding."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "-m", "vipo.train"]
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_world, tmp_path, fsdp):
+    """2 processes x 1 prompt (gloo, launched as a user would; DDP, or FSDP2 sharding) end 2
+    optimiser steps with the parameters of 1 process x 2 prompts, within fp32 rounding; the
+    sharded run's checkpoint loads with plain from_pretrained."""
     # Every trainable step is trained (run_args), so a micro-batch's make-up does not change
     # the summed gradient; grad_accum counts one process's samples.
-    for name, command in (
-            ("ddp", launch + run_args(tiny_world, tmp_path, "ddp", prompts_per_iter=1,
-                                      grad_accum=2)),
-            ("one", TRAIN + run_args(tiny_world, tmp_path, "one", prompts_per_iter=2,
-                                     grad_accum=4))):
-        proc = subprocess.run(command, cwd=tmp_path, env=env(tmp_path), capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    check_call(launch() + run_args(tiny_world, tmp_path, "two", prompts_per_iter=1,
+                                   grad_accum=2, fsdp=str(fsdp).lower()), tmp_path)
+    check_call(TRAIN + run_args(tiny_world, tmp_path, "one", prompts_per_iter=2, grad_accum=4),
+               tmp_path)
     from safetensors.torch import load_file
 
-    ddp, one = load_file(tmp_path / "ddp" / WEIGHTS), load_file(tmp_path / "one" / WEIGHTS)
+    two, one = load_file(tmp_path / "two" / WEIGHTS), load_file(tmp_path / "one" / WEIGHTS)
     start = load_file(Path(tiny_world["sd3"]) / "transformer" /
                       "diffusion_pytorch_model.safetensors")
+    assert two.keys() == one.keys()
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
-    worst = max(float((ddp[k] - one[k]).abs().max()) for k in one)
-    print(f"largest weight change {moved:.3e}, largest 2-process difference {worst:.3e}")
+    worst = max(float((two[k] - one[k]).abs().max()) for k in one)
+    # Normwise: the two layouts sum the same gradients in another order (all-reduce or
+    # reduce-scatter over processes against accumulation in one), so in fp32 the weights
+    # differ by rounding of relative size ~ n * 2^-24 for reductions of n terms (n ~ 1e3
+    # here), normwise. An elementwise tolerance is no bound at all: Adam maps a gradient
+    # near adam_eps to an update anywhere in [-lr, lr], so single elements differ by what
+    # one CPU's rounding gives (1.2e-5 on an AMD EPYC, 4e-7 on an Intel Xeon).
+    ratio = normwise(two, one) / normwise(one, start)
+    print(f"largest weight change {moved:.3e}; 2-process difference: largest {worst:.3e}, "
+          f"normwise {ratio:.3e} of the change")
     assert moved > 1e-4  # the two steps did move the weights
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
-    rows_ddp, rows_one = (read_metrics(tmp_path / n / "metrics.csv") for n in ("ddp", "one"))
-    assert len(rows_ddp) == len(rows_one) == 2  # only the main process wrote metrics
-    assert [r["optimizer_steps"] for r in rows_ddp] == [1, 2] == \
+    assert ratio <= 1e-3
+    rows_two, rows_one = (read_metrics(tmp_path / n / "metrics.csv") for n in ("two", "one"))
+    assert len(rows_two) == len(rows_one) == 2  # only the main process wrote metrics
+    assert [r["optimizer_steps"] for r in rows_two] == [1, 2] == \
         [r["optimizer_steps"] for r in rows_one]
     # The same samples: iteration 0 runs identical weights, so its rewards are identical;
     # the training statistics are reduced over both processes.
-    assert rows_ddp[0]["reward_mean"] == rows_one[0]["reward_mean"]
-    for key in ("reward_std", "loss", "approx_kl", "ratio_max"):
-        assert rows_ddp[1][key] == pytest.approx(rows_one[1][key], rel=1e-4, abs=1e-7), key
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "final").glob("rng_*")) \
-        == ["rng_0.pt", "rng_1.pt"]
+    assert rows_two[0]["reward_mean"] == rows_one[0]["reward_mean"]
+    # Iteration 1 runs weights that differ by that rounding. The loss, a mean of A x ratio
+    # with advantages of mean 0 and size ~1, cancels: compared on that natural scale.
+    for key in ("reward_std", "ratio_max"):
+        assert rows_two[1][key] == pytest.approx(rows_one[1][key], rel=1e-4, abs=1e-7), key
+    for key in ("loss", "approx_kl"):
+        assert rows_two[1][key] == pytest.approx(rows_one[1][key], rel=0, abs=1e-5), key
+    final = tmp_path / "two" / "checkpoints" / "final"
+    assert sorted(p.name for p in final.glob("rng_*")) == ["rng_0.pt", "rng_1.pt"]
+    from diffusers import SD3Transformer2DModel
+
+    loaded = SD3Transformer2DModel.from_pretrained(final / "transformer").state_dict()
+    assert loaded.keys() == two.keys()
+    assert all(torch.equal(loaded[k], two[k]) for k in two)
 
 
 def test_prompt_shards_cover_the_stream_without_repeats_and_resume():
@@ -93,20 +95,14 @@ def test_a_group_spread_over_processes_gets_the_same_advantages():
     assert torch.equal(spread, together[order])
 
 
-@pytest.mark.parametrize("name, kind, processes, machines", [
-    ("ddp_8gpu", "MULTI_GPU", 8, 1), ("fsdp_flux_8gpu", "FSDP", 8, 1),
-    ("fsdp_flux_2x8gpu", "FSDP", 16, 2)])
-def test_accelerate_config_files(name, kind, processes, machines):
-    """The README's accelerate configs parse with accelerate's own loader, and the FSDP ones
-    wrap block classes that exist in diffusers. (Not launched: this machine has no GPU, and
-    accelerate turns FSDP into DDP on the CPU.)"""
-    import diffusers.models.transformers.transformer_flux as flux
+@pytest.mark.parametrize("name, processes, machines", [
+    ("ddp_8gpu", 8, 1), ("fsdp_flux_8gpu", 8, 1), ("fsdp_flux_2x8gpu", 16, 2)])
+def test_accelerate_config_files(name, processes, machines):
+    """The README's accelerate configs parse with accelerate's own loader and launch plain
+    multi-GPU processes: sharding is the trainer's (train.fsdp), which refuses accelerate's
+    distributed_type FSDP."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert (config.distributed_type.name, config.num_processes, config.num_machines) == \
-        (kind, processes, machines)
-    if kind == "FSDP":
-        assert config.fsdp_config["fsdp_version"] == 2
-        for cls in config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","):
-            assert isinstance(getattr(flux, cls), type), cls
+        ("MULTI_GPU", processes, machines)

@@ -54,14 +54,14 @@ def run_one(method: str, seed: int, out: Path, overrides: dict) -> dict:
 
     from ..config import Config
     from ..distributed import reset_accelerate_state
-    from ..train import Trainer
+    from ..run_loop import RunLoop
 
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted run restarts from scratch
     reset_accelerate_state()  # each Trainer builds its own Accelerator
     cfg = Config.from_name("toy")
     cfg.update({**METHODS[method], **overrides, "seed": seed, "output_dir": str(folder.parent),
                 "run_name": folder.name, "checkpoint_every": -1, "progress": False})
-    result = Trainer(cfg.validate()).run()
+    result = RunLoop(cfg.validate()).run()
     summary = {"method": method, "seed": seed, "seconds": result["seconds"],
                "eval": result["eval"],
                "train": {k: _mean([row.get(k, math.nan) for row in result["history"]])
