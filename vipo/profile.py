@@ -114,7 +114,8 @@ SETTINGS = {
 PRESETS = sorted({preset for preset, _ in SETTINGS})
 ALGORITHMS = {"grpo": {"algorithm": "grpo", "ratio_level": "sample"},
               "vipo": {"algorithm": "vipo", "ratio_level": "position"}}
-STANDINS = ("text encoders stood in by random embeddings of the real shape ({text}); reward "
+STANDINS = ("text encoders stood in by random embeddings of the shape the transformer takes "
+            "({text}); reward "
             "stood in by a random-weight {reward} image tower; all weights random")
 REWARD_STANDIN = {"real": "CLIP ViT-H/14 (HPSv2's backbone)", "tiny": "tiny CLIP"}
 
@@ -365,9 +366,10 @@ def onpolicy_gap(cfg, size: str) -> dict:
 
 # ---------------------------------------------------------------------------- reporting
 def markdown(report: dict) -> str:
-    lines = [f"Size: {report['size']}; device: {report['device']}; "
-             f"{report['warmup']} warm-up + {report['iterations']} measured iteration(s) each.",
-             ""]
+    lines = [f"Size: {report['size']}; device: {report['device']}; " +
+             ("the on-policy probe." if report.get("probe") else
+              f"{report['warmup']} warm-up + {report['iterations']} measured iteration(s) "
+              f"each, each algorithm on a freshly built model."), ""]
     for preset, result in report["presets"].items():
         lines.append(f"### {preset}")
         lines.append("")
@@ -428,7 +430,8 @@ def run(presets, size: str, algorithms, warmup: int, iterations: int, overrides:
         probe: bool, write=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"size": size, "device": torch.cuda.get_device_name() if device == "cuda"
-              else "cpu", "warmup": warmup, "iterations": iterations, "presets": {}}
+              else "cpu", "warmup": warmup, "iterations": iterations, "probe": probe,
+              "presets": {}}
     with tempfile.TemporaryDirectory(prefix="vipo-profile-") as root:
         for preset in presets:
             result = report["presets"][preset] = {"settings": SETTINGS[(preset, size)],
