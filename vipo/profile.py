@@ -312,10 +312,9 @@ def profile_algorithm(cfg, size: str, warmup: int, iterations: int) -> dict:
            "precision": str(trainer.adapter.weight_dtype).replace("torch.", ""),
            "old_log_probs": trainer.old_log_probs_mode(),
            "warmup": rows[:warmup], "measured": rows[warmup:]}
+    trainer.accelerator.free_memory()  # the prepared model and optimiser it holds
     del trainer, transformer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release()
     return out
 
 
@@ -359,8 +358,9 @@ def onpolicy_gap(cfg, size: str) -> dict:
            "frac_over_eps": float((gap > eps).double().mean()),
            "frac_over_eps_10": float((gap > eps / 10).double().mean()),
            "repeat_max": float(repeat.max())}
+    trainer.accelerator.free_memory()
     del trainer
-    gc.collect()
+    _release()
     return out
 
 
@@ -453,6 +453,8 @@ def run(presets, size: str, algorithms, warmup: int, iterations: int, overrides:
                                                                             iterations)
                     except Exception as err:  # noqa: BLE001 - recorded; the next one runs
                         result["algorithms"][algorithm] = {"error": _one_line(err)}
+                        del err
+                        _release()  # what the failed Trainer held, before the next one
                     _emit(report, write)
                 _overheads(result)
             except Exception as err:  # noqa: BLE001 - recorded; the next preset runs
@@ -469,6 +471,12 @@ def _overheads(result: dict) -> None:
     result["overhead_pct"] = 100 * (_mean(vipo, "total") / _mean(grpo, "total") - 1)
     if grpo[-1]["peak_gib"] and vipo[-1]["peak_gib"]:
         result["memory_overhead_pct"] = 100 * (vipo[-1]["peak_gib"] / grpo[-1]["peak_gib"] - 1)
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _count(n: int) -> str:
