@@ -34,11 +34,14 @@ CASES = {  # case -> the argument its message must name
 
 
 def _run(argv: list[str]) -> str:
+    """A command's output, or "unavailable (...)" (no such program, no git tree, ...)."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        return (out.stdout or out.stderr).strip()
     except (OSError, subprocess.SubprocessError) as err:
         return f"unavailable ({type(err).__name__})"
+    if out.returncode != 0:
+        return f"unavailable (exit {out.returncode}: {out.stderr.strip()[:100]})"
+    return out.stdout.strip()
 
 
 def _version(package: str) -> str:
