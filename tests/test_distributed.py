@@ -106,3 +106,33 @@ def test_accelerate_config_files(name, processes, machines):
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert (config.distributed_type.name, config.num_processes, config.num_machines) == \
         ("MULTI_GPU", processes, machines)
+
+
+SKIP_ON_ONE = """
+import dataclasses, os, sys
+import vipo.trainer as trainer
+from vipo.train import main
+
+rank, real = int(os.environ["RANK"]), trainer.Trainer._train_step
+
+def nan_on_rank_1(self, roll, *args):
+    if rank == 1 and self.state.iteration == 0:  # a NaN loss in iteration 0, here only
+        roll = dataclasses.replace(roll, latents=roll.latents * float("nan"))
+    return real(self, roll, *args)
+
+trainer.Trainer._train_step = nan_on_rank_1
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_processes_skip_a_step_together(tiny_world, tmp_path):
+    """A non-finite loss on one process only: the guard is reduced over processes, so both
+    skip that optimiser step and stay in step (same count, same weights)."""
+    script = tmp_path / "skip.py"
+    script.write_text(SKIP_ON_ONE)
+    check_call(launch(2, [str(script)]) +
+               run_args(tiny_world, tmp_path, "skip", prompts_per_iter=1, grad_accum=2,
+                        kernel_backend="torch", max_bad_steps=3), tmp_path)
+    rows = read_metrics(tmp_path / "skip" / "metrics.csv")
+    assert [r["skipped_steps"] for r in rows] == [1, 0]
+    assert [r["optimizer_steps"] for r in rows] == [0, 1]

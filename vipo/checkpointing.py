@@ -16,6 +16,7 @@ so a crash or a kill during the save leaves the previous checkpoint as the lates
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -122,16 +123,73 @@ def save_checkpoint(folder: Path, parts: Trained, state: dict, rng: dict) -> Pat
     torch.save(rng, partial / f"rng_{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_weights(parts, partial, weights)
-        if ema is not None:
-            save_file(ema, partial / "ema.safetensors")
-        torch.save(optimizer, partial / "optimizer.pt")
-        full = {**state, "tag": final.name, "num_processes": acc.num_processes,
-                "complete": True}
-        (partial / STATE).write_text(json.dumps(full, indent=1, allow_nan=True))  # last file
-        _commit(partial, final)
+        try:
+            _write_weights(parts, partial, weights)
+            if ema is not None:
+                save_file(ema, partial / "ema.safetensors")
+            torch.save(optimizer, partial / "optimizer.pt")
+            full = {**state, "tag": final.name, "num_processes": acc.num_processes,
+                    "complete": True}
+            (partial / STATE).write_text(json.dumps(full, indent=1, allow_nan=True))  # last
+            _commit(partial, final)
+        except Exception as err:
+            _failed_write(partial, final, err)
     acc.wait_for_everyone()
     return final
+
+
+def _failed_write(partial: Path, final: Path, err: Exception):
+    """Removes the half-written ``partial`` folder and raises CheckpointError; a full disk is
+    named as such (torch.save reports it as ``unexpected pos``, safetensors in its own way)."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or \
+        shutil.disk_usage(partial.parent).free < 16 * 2**20
+    shutil.rmtree(partial, ignore_errors=True)
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if full:
+        why = f"No space left on device on {str(partial.parent)!r} ({why[:200]})"
+    raise CheckpointError(f"checkpoint {final.name} not saved: {why}; its half-written files "
+                          f"were removed") from None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def needed_bytes(run_dir, parts: Trained) -> int:
+    """The size of the next checkpoint: the last one's, or (none yet) an estimate from the
+    tensors: the weights written, plus two AdamW moments and the EMA of the trained ones."""
+    found = complete_checkpoints(run_dir)
+    if found:
+        return folder_bytes(found[-1])
+    params = list(parts.module.named_parameters())
+    trained = sum(p.numel() * 4 for _, p in params if p.requires_grad)
+    written = trained if parts.lora_pipeline is not None else \
+        sum(p.numel() * p.element_size() for _, p in params)
+    return written + trained * (2 + (parts.ema is not None))
+
+
+def ensure_space(run_dir, tag: str, need: int, keep: int, best_metric: str) -> str | None:
+    """None when the checkpoints folder's disk has ``need`` bytes free (10% margin), pruning
+    first what the next prune would delete anyway (never the newest); else the one-line
+    reason, naming how much is needed and where."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".partial-*"):  # left by a kill during a save
+        shutil.rmtree(stale, ignore_errors=True)
+    margin = int(need * 1.1)
+    if shutil.disk_usage(root).free >= margin:
+        return None
+    prune(run_dir, max(keep - 1, 1), best_metric)
+    free = shutil.disk_usage(root).free
+    if free >= margin:
+        return None
+    return (f"not enough disk space for checkpoint {tag}: it needs about {_size(need)}, "
+            f"{_size(free)} free on {str(root)!r}; free space there or lower "
+            f"run.keep_checkpoints")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _write_weights(parts: Trained, folder: Path, weights: dict) -> None:

@@ -224,11 +224,17 @@ class RunConfig:
     resume: str = _f("", "continue a run in its own folder: a run folder, one of its checkpoint "
                      "folders, or 'latest' (the newest complete checkpoint under output_dir, "
                      "or of run_name when given); the saved config is the base, key=value "
-                     "overrides apply on top")
+                     "overrides apply on top. 'auto' (needs run_name): start-or-resume, the "
+                     "one command a requeued job repeats unchanged, preset included: it "
+                     "resumes run_name's newest complete checkpoint, else starts the run")
     image_every: int = _f(10, "iterations between sample grids and map overlays (0 = never)",
                           bounds="[0, inf)")
     checkpoint_every: int = _f(0, "iterations between checkpoints (0 = only at the end, "
                                "-1 = never, not even on a stop or crash)", bounds="[-1, inf)")
+    checkpoint_every_minutes: float = _f(0.0, "also save a checkpoint at the end of the first "
+                                         "iteration this many minutes after the last save, so "
+                                         "that a kill -9 loses at most about that much (0 = off)",
+                                         bounds="[0, inf)")
     keep_checkpoints: int = _f(3, "periodic checkpoints kept (the newest); the best by "
                                "best_metric and the last one written are kept as well",
                                bounds="[1, inf)")

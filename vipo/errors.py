@@ -39,3 +39,13 @@ class RunStopped(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class StopNow(BaseException):
+    """Raised by the signal handler inside the run loop's interruptible stretches. A
+    BaseException, so that no ``except Exception`` on the way (a reward, a loader) takes it
+    for an error of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -1,7 +1,8 @@
 """Stops, crashes and bad input: what the trainer does instead of dying with a traceback.
 
-* ``StopSignals``: SIGTERM and SIGINT ask the loop to stop after the current iteration,
-  which then saves a resumable checkpoint; a second SIGINT stops at once.
+* ``StopSignals``: SIGTERM and SIGINT stop the run within one optimiser step, or the
+  longest single operation, and the loop saves a resumable checkpoint; a second SIGINT
+  stops at once.
 * ``TrainingError``: a failure with a one-line message; ``save`` says whether the state is
   still worth a checkpoint (not after divergence, not when the save itself failed).
 * ``loading``: turns the many ways a model or file fails to load into one line naming it.
@@ -16,25 +17,61 @@ import logging
 import signal
 from pathlib import Path
 
-from .errors import LoadError, RunStopped, TrainingError  # noqa: F401 - re-exported
+from .errors import LoadError, RunStopped, StopNow, TrainingError  # noqa: F401 - re-exported
 
 logger = logging.getLogger("vipo")
 
 
 class StopSignals:
-    """Context manager: SIGTERM/SIGINT set ``requested`` (the loop checks it between
-    iterations); a second SIGINT raises KeyboardInterrupt at once."""
+    """Context manager for SIGTERM/SIGINT. The first signal sets ``requested``; inside
+    ``at_once()`` it also raises StopNow at once (the run loop then writes the last exact
+    state), except within ``held()`` (an optimiser step), which raises it on exit. Outside
+    ``at_once()`` the loop checks ``requested`` between iterations. Any SIGINT after the
+    first signal raises KeyboardInterrupt at once; a repeated SIGTERM is ignored."""
 
     def __init__(self):
         self.requested: int | None = None
         self._previous: dict = {}
+        self._at_once = False
+        self._held = 0
 
     def _handle(self, signum, frame):
-        if self.requested == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested = signum
-        logger.warning("%s received: stopping after this iteration and saving a checkpoint "
-                       "(Ctrl-C again stops at once)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._at_once and not self._held:
+            logger.warning("%s received: stopping now and saving the last complete state "
+                           "(Ctrl-C again stops at once, without saving)", name)
+            raise StopNow(signum)
+        logger.warning("%s received: stopping at the next safe point and saving a checkpoint "
+                       "(Ctrl-C again stops at once, without saving)", name)
+
+    @contextlib.contextmanager
+    def at_once(self):
+        """A stretch that a stop signal may cut anywhere (the loop can save the state of
+        the start of the iteration, or the state as it is, exactly)."""
+        previous, self._at_once = self._at_once, True
+        try:
+            if self.requested is not None and not self._held:
+                raise StopNow(self.requested)
+            yield
+        finally:
+            self._at_once = previous
+
+    @contextlib.contextmanager
+    def held(self):
+        """A stretch a signal must not cut (it changes weights, optimiser and counters
+        together); a signal received in it raises StopNow when it ends."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self._at_once and self.requested is not None:
+            raise StopNow(self.requested)
 
     def __enter__(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +167,20 @@ def warn_on_failure(what: str):
     try:
         yield
     except OSError as err:
-        logger.warning("could not write %s (%s); training goes on", what, err)
+        logger.warning("could not write %s (%s); training goes on", what,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+@contextlib.contextmanager
+def remove_on_failure(*paths: Path):
+    """On an error, removes whichever of ``paths`` exist (a half-written or 0-byte image
+    would look like a result), then re-raises."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
 
 
 def one_line(err: BaseException) -> str:

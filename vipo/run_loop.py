@@ -1,14 +1,16 @@
 """The run around the Trainer: its folder, resume, the evaluation schedule, stop signals and
 periodic, stop and crash checkpoints, the metrics files and the closing summary.
 
-``RunLoop(cfg).run()`` is what ``python -m vipo.train`` does. SIGTERM/SIGINT end the run
-after the current iteration with a checkpoint (vipo.faults); an error saves a crash
+``RunLoop(cfg).run()`` is what ``python -m vipo.train`` does. SIGTERM/SIGINT cut the current
+iteration and save the last exact state (vipo.faults; several processes stop at the end of
+the iteration instead); an error saves a crash
 checkpoint first unless the state is not worth it; ``resume=`` continues a run exactly
 from the checkpoint's weights, optimiser and run state (vipo.run_state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import faults
-from .checkpointing import Trained, load_checkpoint, prune, save_checkpoint
+from .checkpointing import (Trained, complete_checkpoints, ensure_space, load_checkpoint,
+                            needed_bytes, prune, read_state, save_checkpoint)
 from .errors import CheckpointError
 from .logging_utils import MetricsLogger, first_frames, save_grid, summary_line
 from .plots import plot_curves
@@ -32,13 +35,17 @@ class RunLoop:
         self.accelerator = make_accelerator(self.cfg)
         self.run_dir = None
         self.last_checkpoint = None
+        self._lock = None
         try:
-            self.run_dir, resume_from = self._open_run_dir()
-            self.trainer = Trainer(self.cfg, self.accelerator, adapter)
-            if resume_from is not None:
-                self._resume(resume_from)
-                self._write_config(self.run_dir)
+            # A signal while loading stops at once (StopNow): nothing is trained yet.
+            with faults.StopSignals() as stop, stop.at_once():
+                self.run_dir, resume_from = self._open_run_dir()
+                self.trainer = Trainer(self.cfg, self.accelerator, adapter)
+                if resume_from is not None:
+                    self._resume(resume_from)
+                    self._write_config(self.run_dir)
         except BaseException:
+            self._release()
             self._remove_unused_run_dir()
             raise
         start = self.trainer.state.iteration
@@ -58,19 +65,36 @@ class RunLoop:
         """(run folder, checkpoint to resume): a new folder, or the resumed run's."""
         from accelerate.utils import broadcast_object_list
 
-        from .run_dir import create_run_dir, find_resume
+        from .run_dir import RunLock, create_run_dir, find_resume
 
         run, acc = self.cfg.run, self.accelerator
-        found = [None, None]
+        found = [None, None, False]  # run folder, checkpoint to resume, a new start
         if acc.is_main_process:  # only the main process touches the file system
-            if run.resume:
-                found = list(find_resume(run.resume, run.output_dir, run.run_name))
+            if run.resume == "auto":
+                from .run_dir import auto_run_dir, lock_auto_run_dir
+
+                folder, self._lock = lock_auto_run_dir(run.output_dir, run.run_name)
+                folder, resumable = auto_run_dir(run.output_dir, run.run_name)
+                found = list(find_resume("auto", run.output_dir, run.run_name)) + [False] \
+                    if resumable else [folder, None, True]
+            elif run.resume:
+                self._lock = RunLock(find_resume(run.resume, run.output_dir,
+                                                 run.run_name)[0]).acquire()
+                # looked up again under the lock: a writer that just ended may have saved
+                found = list(find_resume(run.resume, run.output_dir, run.run_name)) + [False]
             else:
-                found[0] = create_run_dir(run.output_dir, run.run_name, self.cfg.preset)
+                folder = create_run_dir(run.output_dir, run.run_name, self.cfg.preset)
+                self._lock = RunLock(folder).acquire()
+                found = [folder, None, True]
+            if found[2]:
                 self._write_config(found[0])
         broadcast_object_list(found)  # every process writes into the main process's folder
-        self._new_run_dir = not run.resume
+        self._new_run_dir = found[2]
         return Path(found[0]), found[1] and Path(found[1])
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _write_config(self, folder: Path) -> None:
         """The resolved config.yaml (a resumed run's only once its checkpoint has loaded)."""
@@ -86,8 +110,11 @@ class RunLoop:
         if folder is None or not getattr(self, "_new_run_dir", False) or \
                 not self.accelerator.is_main_process:
             return
-        if [p.name for p in folder.iterdir()] == ["config.yaml"]:
+        from .run_dir import LOCK
+
+        if sorted(p.name for p in folder.iterdir() if p.name != LOCK) == ["config.yaml"]:
             (folder / "config.yaml").unlink()
+            (folder / LOCK).unlink(missing_ok=True)
             folder.rmdir()
 
     def _parts(self) -> Trained:
@@ -105,7 +132,24 @@ class RunLoop:
             self.trainer.state.load_rng_state(rng)
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.last_checkpoint = folder
+        if self.accelerator.is_main_process:
+            self._set_aside_later(folder, state["iteration"])
         logger.info("resuming %s from iteration %d", folder, self.trainer.state.iteration)
+
+    def _set_aside_later(self, folder: Path, iteration: int) -> None:
+        """Resuming from a checkpoint older than the run's newest branches the run: the later
+        checkpoints (and a ``final``) move to ``checkpoints/.abandoned-<time>/``, so that
+        neither ``resume=`` nor pruning mistakes the abandoned future for this run's."""
+        later = [c for c in complete_checkpoints(self.run_dir) if c != folder and
+                 (read_state(c)["iteration"] > iteration or c.name == "final")]
+        if not later:
+            return
+        aside = self.run_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for c in later:
+            c.rename(aside / c.name)
+        logger.warning("resuming from %s, older than the run's newest checkpoint: a branch; "
+                       "moved %s to %s", folder.name, ", ".join(c.name for c in later), aside)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, tag: str, kind: str, snapshot=None) -> Path:
@@ -118,6 +162,7 @@ class RunLoop:
                          if k != "shadow_params"} if t.ema is not None else None,
                  "metric": self.history[-1].get(metric) if metric and self.history else None}
         self._saving = True  # stays set if the save fails: no crash checkpoint after that
+        self._check_space(tag)
         folder = save_checkpoint(self.run_dir / "checkpoints" / tag, self._parts(),
                                  {**snap.state, **extra}, snap.rng)
         self._saving = False
@@ -125,6 +170,21 @@ class RunLoop:
             prune(self.run_dir, self.cfg.run.keep_checkpoints, metric)
         self.last_checkpoint = folder
         return folder
+
+    def _check_space(self, tag: str) -> None:
+        """Free space for the checkpoint, checked by the main process for all of them."""
+        run, problem = self.cfg.run, None
+        if self.accelerator.is_main_process:
+            need = needed_bytes(self.run_dir, self._parts())
+            problem = ensure_space(self.run_dir, tag, need, run.keep_checkpoints, run.best_metric)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [problem]
+            broadcast_object_list(box)
+            problem = box[0]
+        if problem:
+            raise CheckpointError(problem)
 
     def _save_after_failure(self, err: BaseException) -> None:
         """A crash checkpoint: exact (the iteration's start) when no optimiser step had been
@@ -174,8 +234,9 @@ class RunLoop:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        """The loop. A stop signal ends it after the current iteration with a checkpoint
-        (RunStopped); an error saves one first unless the state is not worth it."""
+        """The loop. A stop signal cuts the iteration (one process) or ends it (several)
+        and saves the last exact state (RunStopped); an error saves a checkpoint first
+        unless the state is not worth it."""
         from tqdm.auto import tqdm
 
         cfg, start, t = self.cfg, time.perf_counter(), self.trainer
@@ -183,24 +244,40 @@ class RunLoop:
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="vipo",
                    dynamic_ncols=True, initial=self.start_iteration, total=cfg.train.iterations,
                    disable=not (cfg.run.progress and self.accelerator.is_main_process))
+        self._last_save = time.monotonic()
         try:
             with faults.StopSignals() as stop:
-                if self.start_iteration == 0 or self._eval_due(self.start_iteration):
-                    self.evaluate(self.start_iteration)
-                for it in bar:
-                    self._done, self._snapshot = it, t.state.snapshot()
-                    result = t.iteration(it)
-                    self._record(it, result)
-                    bar.set_postfix(reward=f"{result.row['reward_mean']:.4f}",
-                                    loss=f"{result.row['loss']:.2e}")
-                    self._snapshot, self._done = None, it + 1
-                    if self._eval_due(it + 1):
-                        self.evaluate(it + 1)
-                    if it + 1 < cfg.train.iterations:
-                        self._between_iterations(it + 1, stop)
-                self.evaluate(cfg.train.iterations)
-                if saving:
-                    self.checkpoint("final", "final")
+                # Several processes must stop at the same point (a save is a collective):
+                # they stop between iterations only.
+                at_once = stop.at_once if self.accelerator.num_processes == 1 else \
+                    contextlib.nullcontext
+                t.step_guard = stop.held
+                try:
+                    if self.start_iteration == 0 or self._eval_due(self.start_iteration):
+                        with at_once():
+                            self.evaluate(self.start_iteration)
+                    for it in bar:
+                        self._done, self._snapshot = it, t.state.snapshot()
+                        t.stepped = False
+                        with at_once():
+                            result = t.iteration(it)
+                        self._record(it, result)
+                        bar.set_postfix(reward=f"{result.row['reward_mean']:.4f}",
+                                        loss=f"{result.row['loss']:.2e}")
+                        self._snapshot, self._done = None, it + 1
+                        if self._eval_due(it + 1):
+                            with at_once():
+                                self.evaluate(it + 1)
+                        if it + 1 < cfg.train.iterations:
+                            self._between_iterations(it + 1, stop)
+                    with at_once():
+                        self.evaluate(cfg.train.iterations)
+                    if saving:
+                        self.checkpoint("final", "final")
+                except faults.StopNow as now:
+                    if saving:
+                        self._save_on_stop()
+                    raise faults.RunStopped(now.signum) from None
         except BaseException as err:
             if saving and not isinstance(err, faults.RunStopped):
                 self._save_after_failure(err)
@@ -209,6 +286,27 @@ class RunLoop:
             bar.close()
             self._close()
         return self._finish(start)
+
+    def _save_on_stop(self) -> None:
+        """After a signal cut an iteration: the state at its start when no optimiser step
+        was taken in it (exact), else the state as it is after the last step, counted as a
+        finished iteration (its remaining micro-steps are skipped)."""
+        it, t = self._done, self.trainer
+        if it is None:  # stopped before the first iteration: nothing new to save
+            return
+        if self._snapshot is None:  # between iterations (the evaluation): exact
+            tag, snapshot = f"iter{it:06d}", None
+        elif t.stepped:
+            t.state.iteration = it + 1
+            tag, snapshot = f"iter{it + 1:06d}", None
+            logger.warning("the stop came after an optimiser step of iteration %d: its weights "
+                           "are saved as they are and its remaining micro-steps skipped", it)
+        else:
+            tag, snapshot = f"iter{it:06d}", self._snapshot
+        saved = self.last_checkpoint and read_state(self.last_checkpoint)
+        if saved and saved["iteration"] == int(tag[4:]) and saved.get("kind") != "final":
+            return  # that state is already on disk
+        self.checkpoint(tag, "stop", snapshot)
 
     def _record(self, it: int, result) -> None:
         """metrics.csv / TensorBoard, and every image_every iterations the sample grid and
@@ -225,6 +323,10 @@ class RunLoop:
     def _save_images(self, it: int, media, maps) -> None:
         frames = first_frames(media)
         folder = self.run_dir / "samples"
+        with faults.remove_on_failure(folder / f"iter{it:06d}.png", folder / f"maps{it:06d}.png"):
+            self._write_images(it, frames, maps, folder)
+
+    def _write_images(self, it: int, frames, maps, folder: Path) -> None:
         save_grid(frames, folder / f"iter{it:06d}.png", nrow=self.cfg.sample.group_size)
         if maps is not None:
             from .psm import overlay
@@ -235,12 +337,28 @@ class RunLoop:
                       nrow=self.cfg.sample.group_size)
 
     def _between_iterations(self, done: int, stop) -> None:
-        """The periodic checkpoint, and the stop one (then RunStopped) after a signal."""
-        every, signum = self.cfg.run.checkpoint_every, self._stop_requested(stop)
-        if every >= 0 and (signum or every > 0 and done % every == 0):
+        """The periodic checkpoint (every checkpoint_every iterations or
+        checkpoint_every_minutes), and the stop one (then RunStopped) after a signal."""
+        run, signum = self.cfg.run, self._stop_requested(stop)
+        every, minutes = run.checkpoint_every, run.checkpoint_every_minutes
+        due = every > 0 and done % every == 0 or \
+            minutes > 0 and self._agreed(time.monotonic() - self._last_save >= 60 * minutes)
+        if every >= 0 and (signum or due):
             self.checkpoint(f"iter{done:06d}", "stop" if signum else "periodic")
+            self._last_save = time.monotonic()
         if signum:
             raise faults.RunStopped(signum)
+
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` of the main process, on every process (a clock decides a collective)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        box = [flag]
+        broadcast_object_list(box)
+        return bool(box[0])
 
     def _stop_requested(self, stop) -> int | None:
         """The signal, if any process received one (all stop together)."""
@@ -251,11 +369,14 @@ class RunLoop:
         return int(acc.reduce(flag, "max")) or None
 
     def _close(self) -> None:
-        if self.accelerator.is_main_process and self.metrics is not None:
-            self.metrics.close()
-            if self.history:
-                with faults.warn_on_failure("curves.png"):
-                    plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+        try:
+            if self.accelerator.is_main_process and self.metrics is not None:
+                self.metrics.close()
+                if self.history:
+                    with faults.warn_on_failure("curves.png"):
+                        plot_curves(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+        finally:
+            self._release()  # last: the run folder is complete
 
     def _finish(self, start: float) -> dict:
         seconds = time.perf_counter() - start
@@ -275,4 +396,8 @@ class RunLoop:
         """Where the run's state is, for the one-line messages of ``vipo.train``."""
         if self.last_checkpoint is None:
             return "no checkpoint saved"
-        return f"checkpoint {self.last_checkpoint}; continue with resume={self.run_dir}"
+        # resume=<run> takes its newest checkpoint: name the saved one when that is another
+        newest = complete_checkpoints(self.run_dir)
+        target = self.run_dir if newest and newest[-1] == self.last_checkpoint else \
+            self.last_checkpoint
+        return f"checkpoint {self.last_checkpoint}; continue with resume={target}"

@@ -26,7 +26,7 @@ def parse_args(args: list) -> Config:
     cfg = Config.from_name(DEFAULT_PRESET) if first is None else \
         Config.from_yaml(first) if first.endswith((".yaml", ".yml")) else Config.from_name(first)
     cfg.apply_overrides(args)
-    if cfg.run.resume:
+    if cfg.run.resume and cfg.run.resume != "auto":  # auto: the command's own config
         from .run_dir import find_resume
 
         if first is not None:
@@ -54,16 +54,19 @@ def _help(args: list) -> str:
 
 def main(argv: list | None = None) -> int:
     """Exit codes: 0 done, 1 error (one line; --debug for the traceback), 2 config or load
-    error, 128 + signal number after a stop signal (the checkpoint is saved)."""
+    error, 128 + signal number after a stop signal (the checkpoint is saved). ``--debug``
+    shows tracebacks; ``--verbose`` keeps the libraries' own console output."""
     args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args
-    args = [a for a in args if a != "--debug"]
+    debug, verbose = "--debug" in args, "--verbose" in args
+    args = [a for a in args if a not in ("--debug", "--verbose")]
     loop = None
     try:
         if any(a in ("-h", "--help") for a in args):
             print(_help(args))
             return 0
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if not verbose:
+            quiet_libraries()
         cfg = parse_args(args)
         debug = debug or cfg.run.debug
         loop = RunLoop(cfg)
@@ -71,6 +74,10 @@ def main(argv: list | None = None) -> int:
         return 0
     except faults.RunStopped as stop:
         print(f"vipo.train: stopped by {stop}; {_saved(loop)}", file=sys.stderr)
+        return 128 + stop.signum
+    except faults.StopNow as stop:  # while loading: nothing trained, nothing to save
+        print(f"vipo.train: stopped by {stop} before training started; nothing to save, the "
+              f"same command starts again", file=sys.stderr)
         return 128 + stop.signum
     except (ConfigError, faults.LoadError) as err:
         if debug:
@@ -87,10 +94,25 @@ def main(argv: list | None = None) -> int:
         if debug:
             raise
         message = faults.one_line(err)
-        saved = "" if "checkpoint" in message else f"; {_saved(loop)}"
+        saved = "" if "resume=" in message else f"; {_saved(loop)}"
         print(f"vipo.train: error: {message}{saved} (--debug shows the traceback)",
               file=sys.stderr)
         return 1
+
+
+def quiet_libraries() -> None:
+    """The console shows the trainer's own lines and progress bar: the libraries' loading
+    and writing bars, their advisory warnings (e.g. transformers' torchvision fallback) and
+    the kernels' backend choice are hidden; ``--verbose`` keeps them."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    logging.getLogger("vipo_kernels").setLevel(logging.WARNING)
 
 
 def _saved(loop) -> str:

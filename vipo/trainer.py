@@ -18,6 +18,7 @@ checks once for divergence; the rewards are gathered once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -109,6 +110,7 @@ class Trainer:
         self.skipped_steps = 0      # steps skipped in this iteration
         self._bad = None            # device flag: a non-finite loss since the last step
         self.onpolicy_checked = False
+        self.step_guard = contextlib.nullcontext  # the run loop's StopSignals.held
 
     # ------------------------------------------------------------------ setup
     def _prepare_model(self, precision: str) -> None:
@@ -311,23 +313,24 @@ class Trainer:
         batches = self._micro_batches(roll.num_samples)
         old = self._old_log_probs(roll, batches)
         sums: dict = {}
-        first = None
+        steps_before, onpolicy = self.state.optimizer_steps, None
         with self.timer("training"):
             for (mb, k), old_lp in zip(batches, old):
                 cond = self.adapter.select(roll.cond, mb)
+                on_policy = self.state.optimizer_steps == steps_before
                 with acc.accumulate(self.model):
                     stats = self._train_step(roll, mb, k, cond, old_lp, adv.values[mb.cpu()],
                                              adv.weights, None if maps is None else maps[mb])
-                first = first or stats
+                if on_policy:  # the weights are the rollout's: every ratio must be 1
+                    gap = torch.maximum(stats["ratio_max"].log().abs(),
+                                        stats["ratio_min"].log().abs())
+                    onpolicy = gap if onpolicy is None else torch.maximum(onpolicy, gap)
                 for key, v in stats.items():
                     total, n = sums.get(key, (0.0, 0))
                     sums[key] = (total + v, n + 1)
         out = {k: total / n for k, (total, n) in sums.items()}
-        if first is not None:
-            # Before the first optimiser step of the iteration the policy is the rollout's:
-            # every ratio must be 1 up to rounding.
-            out["onpolicy_max_abs_log_ratio"] = torch.maximum(first["ratio_max"].log().abs(),
-                                                              first["ratio_min"].log().abs())
+        if onpolicy is not None:
+            out["onpolicy_max_abs_log_ratio"] = onpolicy
         return out
 
     def _micro_batches(self, n: int) -> list:
@@ -400,7 +403,8 @@ class Trainer:
         bad = ~torch.isfinite(loss.detach())
         self._bad = bad if self._bad is None else self._bad | bad  # stays on the device
         if acc.sync_gradients:
-            out["grad_norm"] = self._optimizer_step()
+            with self.step_guard():  # a stop signal waits for the step to finish
+                out["grad_norm"] = self._optimizer_step()
         return out
 
     def _optimizer_step(self) -> torch.Tensor:
@@ -454,34 +458,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ log
     def log(self, adv, every_reward: torch.Tensor, raw_maps, stats: dict) -> dict:
-        """The iteration's metrics row (floats): one device-to-host transfer."""
-        cfg = self.cfg
-        finite = every_reward[torch.isfinite(every_reward).all(dim=1)]
-        row = {"reward_mean": finite[:, 0].mean(), "reward_std": finite[:, 0].std()}
-        if len(cfg.reward.reward) > 1:
-            for col, name in enumerate(cfg.reward.reward):
-                row[f"reward_{reward_tag(name)}_mean"] = finite[:, col].mean()
-        row.update(zero_std_groups=adv.zero_std_groups, dropped_groups=adv.dropped_groups,
-                   map_mean=raw_maps.mean() if raw_maps is not None else 1.0,
-                   psm_failures=self.psm.failures if self.psm is not None else 0,
-                   optimizer_steps=self.state.optimizer_steps,
-                   skipped_steps=self.skipped_steps,
-                   lr=self.optimizer.param_groups[0]["lr"])
+        """The iteration's metrics row (Python floats): the device statistics in one
+        transfer (reduced over processes), the gathered CPU rewards in one conversion."""
+        cfg, names = self.cfg, self.cfg.reward.reward
         device_stats = {k: v for k, v in stats.items()
                         if k in STAT_KEYS or k.startswith("loss_clip_")}
         if raw_maps is not None:
             device_stats["map_mean"] = raw_maps.mean()
-        keys = sorted(device_stats)
-        values = torch.stack([device_stats[k].float().reshape(()) for k in keys]).cpu() \
-            if keys else torch.empty(0)  # the one transfer of the iteration's statistics
-        host = reduce_stats(self.accelerator, dict(zip(keys, values.tolist())))
+        host = reduce_stats(self.accelerator, device_stats)
+        finite = every_reward[torch.isfinite(every_reward).all(dim=1)].double()
+        mean, std, *columns = torch.cat([finite[:, :1].mean(0), finite[:, :1].std(0),
+                                         finite.mean(0)]).tolist()
+        row = {"reward_mean": mean, "reward_std": std}
+        if len(names) > 1:
+            row.update({f"reward_{reward_tag(n)}_mean": v for n, v in zip(names, columns)})
+        row.update(zero_std_groups=adv.zero_std_groups, dropped_groups=adv.dropped_groups,
+                   map_mean=host.get("map_mean", 1.0),
+                   psm_failures=self.psm.failures if self.psm is not None else 0,
+                   optimizer_steps=self.state.optimizer_steps,
+                   skipped_steps=self.skipped_steps,
+                   lr=self.optimizer.param_groups[0]["lr"])
         row.update({k: host.get(k, math.nan) for k in STAT_KEYS})
         row.update({k: v for k, v in host.items() if k.startswith("loss_clip_")})
-        if "map_mean" in host:
-            row["map_mean"] = host["map_mean"]
         seconds = self.timer.pop()
-        for phase in PHASES:
-            row[f"time_{phase}"] = seconds.get(phase, 0.0)
+        row.update({f"time_{phase}": seconds.get(phase, 0.0) for phase in PHASES})
         return {k: float(v) for k, v in row.items()}
 
     # ------------------------------------------------------------------ one iteration

@@ -133,6 +133,28 @@ def _warmup(step: int, total: int = 100) -> float:
     return min(1.0, (step + 1) / total)
 
 
+def fit(loop: BudgetLoop, params: list, lr: float, batch_loss, *, clip: float | None = None,
+        clip_params: list | None = None, ema=None) -> dict:
+    """The one training loop of every toy model: AdamW with a linear warm-up to ``lr``,
+    ``batch_loss()`` (it draws its own batch), optional gradient clipping (of
+    ``clip_params``, default all) and EMA, until the loop's limit; returns what
+    ``loop.close()`` measured."""
+    opt = _adamw(params, lr)
+    while loop.running():
+        for g in opt.param_groups:
+            g["lr"] = lr * _warmup(loop.step)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip_params or params, clip)
+        opt.step()
+        if ema is not None:
+            ema.step(params)
+        loop.record(loss.item())
+    return loop.close()
+
+
 # ---- evaluator ------------------------------------------------------------------------------
 def evaluator_loss(model, images, labels, cells) -> torch.Tensor:
     heads, mask_logits = models.split_logits(model(models.to_model_pixels(images)).logits)
@@ -146,21 +168,15 @@ def train_evaluator(out: Path, limit: Limit, seed: int) -> None:
     images, masks, specs = training_renders()
     labels, cells = label_tensor(specs), models.mask_cells(masks)
     model = models.evaluator_model(seed).train()
-    opt = _adamw(model.parameters(), 2e-3)
-    loop = BudgetLoop(out, limit, "evaluator")
-    while loop.running():
+
+    def batch_loss():
         idx = torch.randint(len(specs), (128,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * _warmup(loop.step)
-        loss = evaluator_loss(model, augment(images[idx], gen), labels[idx], cells[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loop.record(loss.item())
+        return evaluator_loss(model, augment(images[idx], gen), labels[idx], cells[idx])
+
+    info = fit(BudgetLoop(out, limit, "evaluator"), list(model.parameters()), 2e-3, batch_loss)
     model.eval().save_pretrained(out, safe_serialization=True)
     write_training(out, {"model": "evaluator", "seed": seed, "batch": 128, "lr": 2e-3,
-                         "data": f"{len(specs)} training-split renders, augmented",
-                         **loop.close()})
+                         "data": f"{len(specs)} training-split renders, augmented", **info})
 
 
 # ---- backbone -------------------------------------------------------------------------------
@@ -196,25 +212,20 @@ def train_backbone(out: Path, limit: Limit, seed: int) -> None:
     model = models.backbone_model(seed).train()
     heads = torch.nn.ModuleDict({"cls": torch.nn.Linear(64, models.N_ATTRIBUTE_LOGITS),
                                  "patch": torch.nn.Linear(64, 1)})
-    opt = _adamw(list(model.parameters()) + list(heads.parameters()), 1e-3)
-    loop = BudgetLoop(out, limit, "backbone")
-    while loop.running():
+    def batch_loss():
         idx = torch.randint(len(specs), (64,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * _warmup(loop.step)
-        loss = backbone_loss(model, heads, augment(images[idx], gen), labels[idx], cover[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loop.record(loss.item())
+        return backbone_loss(model, heads, augment(images[idx], gen), labels[idx], cover[idx])
+
+    params = list(model.parameters())  # only these are clipped (the heads are discarded)
+    info = fit(BudgetLoop(out, limit, "backbone"), params + list(heads.parameters()), 1e-3,
+               batch_loss, clip=1.0, clip_params=params)
     model.eval().save_pretrained(out, safe_serialization=True)
     BitImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
                       do_center_crop=False, do_resize=False).save_pretrained(out)
     write_training(out, {"model": "backbone", "seed": seed, "batch": 64, "lr": 1e-3,
                          "data": f"{len(specs)} training-split renders, augmented",
                          "heads (discarded)": "CLS -> attributes; patch tokens -> coverage",
-                         **loop.close()})
+                         **info})
 
 
 # ---- VAE ------------------------------------------------------------------------------------
@@ -225,19 +236,14 @@ def train_vae(out: Path, limit: Limit, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     images = training_renders()[0] * 2 - 1
     vae = models.autoencoder().train()
-    opt = _adamw(vae.parameters(), 1e-3)
-    loop = BudgetLoop(out, limit, "vae")
-    while loop.running():
+
+    def batch_loss():
         x = images[torch.randint(len(images), (32,), generator=gen)]
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * _warmup(loop.step)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loop.record(loss.item())
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    info = fit(BudgetLoop(out, limit, "vae"), list(vae.parameters()), 1e-3, batch_loss)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
@@ -245,7 +251,7 @@ def train_vae(out: Path, limit: Limit, seed: int) -> None:
                            shift_factor=float(latents.mean()))
     vae.save_pretrained(out, safe_serialization=True)
     write_training(out, {"model": "vae", "seed": seed, "batch": 32, "lr": 1e-3,
-                         "data": f"{len(images)} training-split renders", **loop.close()})
+                         "data": f"{len(images)} training-split renders", **info})
 
 
 # ---- generator ------------------------------------------------------------------------------
@@ -296,22 +302,15 @@ def train_generator(out: Path, limit: Limit, seed: int, vae_folder: Path) -> Non
     data = encode_training_set(pipe)
     model = pipe.transformer.train()
     model.set_attn_processor(RepeatedContextJointAttnProcessor())
-    ema = EMAModel(model.parameters(), decay=0.995, use_ema_warmup=True)
-    opt = _adamw(model.parameters(), 7e-4)
-    loop = BudgetLoop(out / "transformer_training", limit, "generator")
+    params = list(model.parameters())
+    ema = EMAModel(params, decay=0.995, use_ema_warmup=True)
     n = len(data["latents"])
-    while loop.running():
-        idx = torch.randint(n, (64,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = 7e-4 * _warmup(loop.step)
-        loss = flow_matching_loss(model, data, idx, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.step(model.parameters())
-        loop.record(loss.item())
-    info = loop.close()
+
+    def batch_loss():
+        return flow_matching_loss(model, data, torch.randint(n, (64,), generator=gen), gen)
+
+    info = fit(BudgetLoop(out / "transformer_training", limit, "generator"), params, 7e-4,
+               batch_loss, clip=1.0, ema=ema)
     ema.copy_to(model.parameters())
     model.eval()  # processors are not saved: a reload gets the stock ones
     pipe.save_pretrained(out, safe_serialization=True)
