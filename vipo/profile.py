@@ -507,6 +507,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", action="store_true", help="the on-policy gap instead")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
+    parser.add_argument("--verbose", action="store_true", help="keep the libraries' output")
     args = parser.parse_args(argv)
     presets = [p for p in args.presets if "=" not in p]
     overrides = [p for p in args.presets if "=" in p]
@@ -519,6 +520,11 @@ def main(argv=None) -> int:
     if args.size == "real" and not torch.cuda.is_available():
         parser.error("--size real builds FLUX.1-dev (12B) and Wan 2.1 1.3B: it needs a CUDA "
                      "device; use --size tiny on a CPU")
+
+    if not args.verbose:
+        from .train import quiet_libraries
+
+        quiet_libraries()
 
     def write(report):
         if args.json:
