@@ -84,8 +84,8 @@ class Check:
 
 
 # ---------------------------------------------------------------------------- steps' commands
-def command(check: Check, step: Step) -> list[str] | str:
-    """The step's command, or a string saying why it is not run."""
+def command(check: Check, step: Step) -> list[str]:
+    """The step's command line (run in the repository root)."""
     py, dry = check.python, check.dry
     if step.name == "wheels":
         return [py, str(ROOT / "benchmarks" / "gpu_check.py"), "--install-wheels",
@@ -169,14 +169,13 @@ def judge(check: Check, step: Step, rc: int, record: dict) -> str:
         if not check.dry and counts["skipped"]:
             record["why"] = f"{counts['skipped']} tests skipped on the GPU machine"
             return "failed"
-    for suffix in (".json",):
-        path = check.artifact(step.name, suffix)
-        if path.exists():
-            try:
-                record["data"] = json.loads(path.read_text())
-            except ValueError as err:
-                record["why"] = f"unreadable {path.name}: {err}"
-                return "failed"
+    data = check.artifact(step.name, ".json")
+    if data.exists():
+        try:
+            record["data"] = json.loads(data.read_text())
+        except ValueError as err:
+            record["why"] = f"unreadable {data.name}: {err}"
+            return "failed"
     md = check.artifact(step.name, ".md")
     if md.exists():
         record["markdown"] = md.read_text()
