@@ -76,9 +76,10 @@ def _term_then_kill(proc, grace: float) -> tuple[int, str, float]:
 
 def test_sigterm_saves_within_a_short_grace_and_one_writer_per_run(tiny_world, tmp_path,
                                                                    flags):
-    """A reward call sleeps 60 s; SIGTERM then SIGKILL 5 s later: the run saves the state at
-    that iteration's start in time, the resumed run matches an uninterrupted one. While it
-    runs, a second process on the same run is refused in one line."""
+    """A reward call sleeps 60 s; SIGTERM then SIGKILL 20 s later (the tiny model saves in
+    about a second on quiet cores; the margin is for a loaded machine): the run saves the
+    state at that iteration's start in time, the resumed run matches an uninterrupted one.
+    While it runs, a second process on the same run is refused in one line."""
     reward = {"reward": "cluster_reward:factory", "iterations": 3, "checkpoint_every": 0}
     args = run_args(tiny_world, tmp_path, "cut", **reward)
     with started(TRAIN + args, tmp_path) as proc:
@@ -87,10 +88,10 @@ def test_sigterm_saves_within_a_short_grace_and_one_writer_per_run(tiny_world, t
         flags["ready"].unlink(missing_ok=True)
         _wait(flags["ready"], proc)  # an iteration is scoring, for 60 s
         second = run(*run_args(tiny_world, tmp_path, "cut", resume="auto", **reward))
-        code, err, seconds = _term_then_kill(proc, grace=5.0)
+        code, err, seconds = _term_then_kill(proc, grace=20.0)
     assert second == 2
     assert code == 128 + signal.SIGTERM, err[-2000:]
-    assert "Traceback" not in err and seconds < 5.0
+    assert "Traceback" not in err and seconds < 20.0
     last = err.strip().splitlines()[-1]
     assert last.startswith("vipo.train: stopped by SIGTERM; checkpoint ") and \
         f"resume={tmp_path / 'cut'}" in last, last
