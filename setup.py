@@ -10,7 +10,11 @@ says how to build it.
 Environment knobs (after FlashAttention's setup.py):
   VIPO_SKIP_EXT=1       build no compiled extension at all
   VIPO_SKIP_CUDA=1      build the C++ part only, even where CUDA is available
-  VIPO_REQUIRE_EXT=1    make a failed compiled build an error instead of a warning (CI)
+  VIPO_REQUIRE_EXT=1    make a failed or skipped compiled build an error instead of a
+                        warning (benchmarks/gpu_check.sh sets it: a check must not pass on a
+                        build that silently did not happen)
+  VIPO_REQUIRE_CUDA=1   also make it an error that the CUDA part cannot be built (torch
+                        without CUDA, or no nvcc); implies VIPO_REQUIRE_EXT=1
   MAX_JOBS=N            parallel compile jobs (read by cpp_extension)
   TORCH_CUDA_ARCH_LIST  CUDA architectures, default "8.0;9.0" (A100, H100/H200)
 Always install with ``--no-build-isolation`` (see ../shared/docs/ENV.md): an isolated
@@ -42,9 +46,21 @@ def _banner(lines):
     print("\n".join([bar, *("vipo: " + line for line in lines), bar]), file=sys.stderr)
 
 
+REQUIRE_CUDA = os.environ.get("VIPO_REQUIRE_CUDA") == "1"
+REQUIRE_EXT = REQUIRE_CUDA or os.environ.get("VIPO_REQUIRE_EXT") == "1"
+
+
+def _required(reason: str):
+    """Stops the build where VIPO_REQUIRE_EXT / VIPO_REQUIRE_CUDA ask for what cannot be
+    built; otherwise the caller warns and carries on without it."""
+    if REQUIRE_EXT:
+        sys.exit(f"vipo: {reason} (VIPO_REQUIRE_EXT=1 or VIPO_REQUIRE_CUDA=1 makes this fatal)")
+
+
 def _extensions():
     """The extension list and the BuildExtension subclass, or ([], {}) if none is built."""
     if os.environ.get("VIPO_SKIP_EXT") == "1":
+        _required("VIPO_SKIP_EXT=1 asks for no compiled extension")
         _banner(["VIPO_SKIP_EXT=1: building no compiled extension (backend='cpp' and 'cuda' "
                  "will be unavailable)"])
         return [], {}
@@ -52,6 +68,7 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError as err:
+        _required(f"torch is not importable ({err}), so no compiled extension can be built")
         _banner([f"torch is not importable ({err}); building no compiled extension.",
                  "Install torch first, then: pip install --no-build-isolation -e ."])
         return [], {}
@@ -64,6 +81,10 @@ def _extensions():
     sources = [s for s in sources if s not in cuda_sources]
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("VIPO_SKIP_CUDA") != "1")
+    if REQUIRE_CUDA and not with_cuda:
+        _required(f"VIPO_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: torch "
+                  f"{torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME (nvcc) "
+                  f"{cpp_extension.CUDA_HOME}, VIPO_SKIP_CUDA={os.environ.get('VIPO_SKIP_CUDA')}")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
@@ -84,7 +105,7 @@ def _extensions():
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure
-                if os.environ.get("VIPO_REQUIRE_EXT") == "1":
+                if REQUIRE_EXT:
                     raise
                 _banner(["BUILDING THE COMPILED EXTENSION FAILED; installing without it.",
                          f"  {type(err).__name__}: {err}",

@@ -19,10 +19,11 @@ import sys
 import pytest
 import torch
 
-from vipo_kernels import backends, sde_coefficients, sde_step, vipo_loss
-from vipo_kernels.reference import log_prob_reference, sde_step_reference, vipo_loss_reference
+from vipo_kernels import backends, sde_step, vipo_loss
+from vipo_kernels.reference import sde_step_reference, vipo_loss_reference
 
-from benchmarks.memory import peak_extra_bytes  # noqa: E402  (a package import: also a script)
+from benchmarks.inputs import loss_inputs, step_inputs  # noqa: E402  (a package import: also a script)
+from benchmarks.memory import peak_extra_bytes  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 IMPLS = ["cpp", "torch-eager", "torch-compile"]
 _compiled: dict[str, object] = {}
@@ -31,26 +32,12 @@ pytestmark = pytest.mark.skipif(not backends.available("cpp"),
                                 reason="the C++ extension is not built")
 
 
-def _inputs(shape, clip_range=1e-4):
-    """A rollout step with ratios below, inside and above [1 - eps, 1 + eps], a map, fp32.
-
-    The old log-prob is the float64 log-density minus an offset in {-3, -0.5, 0, 0.5, 3} x
-    eps per position, so no ratio lies within rounding of a clip boundary, where fp32 and
-    float64 may pick different branches and the gradient check would compare noise."""
-    gen = torch.Generator().manual_seed(0)
-    batch, _, *spatial = shape
-    sigma = torch.rand(batch, generator=gen) * 0.8 + 0.15
-    cs, co, std = sde_coefficients(sigma, sigma * 0.8)
-    v, z, noise = (torch.randn(shape, generator=gen) for _ in range(3))
-    nxt, _ = sde_step(v, z, noise, coef_sample=cs, coef_output=co, std=std, backend="torch")
-    logp64 = log_prob_reference(v.double(), z.double(), nxt.double(), coef_sample=cs.double(),
-                                coef_output=co.double(), std=std.double())
-    offsets = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64) * clip_range
-    old = (logp64 - offsets[torch.randint(0, 5, logp64.shape, generator=gen)]).float()
-    adv = torch.randn(batch, generator=gen)
-    amap = torch.rand((batch, *spatial), generator=gen)
-    kwargs = dict(coef_sample=cs, coef_output=co, std=std, clip_range=clip_range)
-    return (v, z, nxt, old, adv, amap), kwargs, noise
+def _inputs(shape):
+    """A rollout step with ratios below, inside and above [1 - eps, 1 + eps] (each at least
+    eps/2 from an edge, benchmarks/inputs.py), a map, fp32; and the step's noise."""
+    args, kwargs = loss_inputs(shape)
+    (_, _, noise), _ = step_inputs(shape)
+    return args, kwargs, noise
 
 
 def _elements(shape):

@@ -1,38 +1,15 @@
 #!/usr/bin/env bash
-# One-shot check on a CUDA machine, under 5 minutes on one H100/H200:
-#   1. builds the compiled extension in place where csrc/ and nvcc allow (else Triton only),
-#   2. runs the gpu-marked parity tests against the float64 reference, among them the
-#      no-host-sync test (a full loss forward and backward, sde_step and log_prob under
-#      torch.cuda.set_sync_debug_mode("error")), also run on its own below,
-#   3. prints the bandwidth table (benchmarks/gpu_table.py), copy bandwidth and peak memory
-#      included.
-# Results go to $OUT (the device tool's folder) or benchmarks/results/.
+# The one check for a GPU machine (one H200: at most 10 minutes), or its CPU dry run:
+#   bash benchmarks/gpu_check.sh              # on the CUDA machine
+#   bash benchmarks/gpu_check.sh --dry-run    # every step a CPU can run, at tiny size (CI)
+#   bash benchmarks/gpu_check.sh --only build,backends
+# Steps, in order: wheels (benchmarks/fetch_wheels.sh prepares them), versions, the build
+# with errors fatal, the backends, every gpu-marked test with skip reasons, the bandwidth
+# table, the no-sync test, bad values on the device, the bf16 on-policy probe, the
+# real-size iteration (vipo.profile). A failing step is recorded and the next one runs; the
+# results go to benchmarks/results/gpu-check-<device>-<date>.md and .json (and to $OUT when
+# set); the exit status is 1 if any step failed. PYTHON picks the interpreter (python3).
+# The driver is benchmarks/gpu_check.py (standard library only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out_dir=${OUT:-benchmarks/results}
-mkdir -p "$out_dir"
-export VIPO_TEST_CUDA=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out_dir/device.txt"
-
-if [ -f setup.py ] && [ -d csrc ] && command -v nvcc >/dev/null; then
-  echo "== building the compiled extension (csrc/)"
-  MAX_JOBS=${MAX_JOBS:-16} timeout 240 python setup.py build_ext --inplace >"$out_dir/build.log" 2>&1 \
-    && echo "built" || echo "build failed or timed out: see build.log; Triton only"
-fi
-
-echo "== gpu-marked parity tests"
-timeout 150 python -m pytest tests/test_kernels_cuda.py -m gpu -q -p no:cacheprovider 2>&1 \
-  | tee "$out_dir/gpu_tests.log" | tail -n 25
-tests_rc=${PIPESTATUS[0]}
-
-echo "== no host sync (set_sync_debug_mode error)"
-timeout 60 python -m pytest tests/test_kernels_cuda.py -m gpu -q -p no:cacheprovider \
-  -k no_host_sync 2>&1 | tee "$out_dir/no_sync.log" | tail -n 5
-sync_rc=${PIPESTATUS[0]}
-
-echo "== bandwidth table"
-timeout 150 python benchmarks/gpu_table.py --out "$out_dir/gpu_table.md"
-table_rc=$?
-echo "tests rc=$tests_rc no-sync rc=$sync_rc table rc=$table_rc"
-[ "$tests_rc" -eq 0 ] && [ "$sync_rc" -eq 0 ] && [ "$table_rc" -eq 0 ]
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

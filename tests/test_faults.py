@@ -193,6 +193,20 @@ def test_nonfinite_reward_names_sample_prompt_and_reward(tiny_world, tmp_path, r
     assert read_state(checkpoint)["iteration"] == 0 and read_state(checkpoint)["kind"] == "crash"
 
 
+@pytest.mark.parametrize("output", ["['good'] * len(prompts)", "'good'",
+                                    "[complex(1, 1)] * len(prompts)"])
+def test_a_reward_that_returns_no_numbers_is_named(tiny_world, tmp_path, reward_module, capsys,
+                                                   output):
+    name = reward_module(f"""
+        def factory(cfg, device):
+            return lambda images, prompts: {output}
+        """)
+    assert run(*run_args(tiny_world, tmp_path, "str", reward=f"{name}:factory")) == 1
+    line = one_line(capsys)
+    assert f"reward '{name}:factory' returned a " in line and "not numbers" in line, line
+    assert "too many dimensions" not in line
+
+
 def test_dropping_every_group_for_n_iterations_stops(tiny_world, tmp_path, reward_module,
                                                      capsys):
     name = reward_module("""
@@ -296,17 +310,45 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.parametrize("field", ["sample.prompts", "eval.eval_prompts"])
 @pytest.mark.parametrize("case", ["missing", "empty", "latin1"])
-def test_bad_prompt_file(tmp_path, capsys, case):
+def test_bad_prompt_file(tmp_path, capsys, case, field, monkeypatch):
+    """Both prompt sources are read before any model loads: one line, no run folder."""
+    loaded = _loaded_adapters(monkeypatch)
     path = tmp_path / "prompts.txt"
     if case == "empty":
         path.write_text("\n  \n")
     elif case == "latin1":
         path.write_bytes("une pomme rouge sur la table, très belle\n".encode("latin-1"))
-    assert run("tiny", f"prompts={path}", f"output_dir={tmp_path / 'runs'}") == 2
+    assert run("tiny", f"{field}={path}", "eval_every=5", f"output_dir={tmp_path / 'runs'}") == 2
     line = one_line(capsys)
-    assert "sample.prompts" in line and str(path) in line, line
-    assert not (tmp_path / "runs").exists()
+    assert field in line and str(path) in line, line
+    assert not (tmp_path / "runs").exists() and loaded == []
+
+
+@pytest.mark.parametrize("how", ["folder", "auto"])
+@pytest.mark.parametrize("override", ["lora_rank=4", "arch=flux", "path=PATH"])
+def test_overrides_a_resumed_run_cannot_take_are_named(tiny_world, tmp_path, capsys, how,
+                                                       override):
+    """Fields the checkpoint's weights depend on: one line naming the field; the run and
+    its checkpoint are left as they were."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world["sd3"], other)
+    override = override.replace("PATH", str(other))
+    first = run_args(tiny_world, tmp_path, "r", checkpoint_every=1, iterations=1,
+                     resume="auto" if how == "auto" else None)
+    assert run(*first) == 0
+    before = [c.name for c in complete_checkpoints(tmp_path / "r")]
+    capsys.readouterr()
+    again = first + [override, "iterations=2"] if how == "auto" else \
+        [f"resume={tmp_path / 'r'}", f"output_dir={tmp_path}", override, "iterations=2"]
+    assert run(*again) == 2
+    line = one_line(capsys)
+    key = {"lora": "train.lora_rank", "arch=": "model.arch", "path=": "model.path"}
+    assert next(v for k, v in key.items() if override.startswith(k)) + \
+        ": cannot change on resume" in line, line
+    assert [c.name for c in complete_checkpoints(tmp_path / "r")] == before
+    assert len(read_metrics(tmp_path / "r" / "metrics.csv")) == 1
 
 
 @pytest.mark.parametrize("text, message", [
@@ -369,6 +411,32 @@ def test_unreachable_hub_id(tiny_world, tmp_path, monkeypatch, capsys, key):
     line = one_line(capsys)
     assert "'no-such-org/no-such-model'" in line and \
         ("model.path" if key == "path" else "psm.backbone") in line, line
+    assert "HF_HUB_OFFLINE is set" in line, line
+    if key == "backbone":
+        assert loaded == []
+
+
+@pytest.mark.parametrize("typo", ["./sd3-typo", "../sd3-typo", "models/sd3-typo"])
+@pytest.mark.parametrize("key", ["path", "backbone"])
+def test_a_local_looking_path_is_never_sent_to_the_hub(tiny_world, tmp_path, monkeypatch,
+                                                       capsys, key, typo):
+    """A typo in a relative path ("./", "../", or a separator after an existing folder):
+    one line naming the field and the path, before any loader (and so the hub) is called."""
+    import huggingface_hub
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+    for fn in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, fn, lambda *a, **k: asked.append(a) or 1 / 0)
+    loaded = _loaded_adapters(monkeypatch)
+    assert run(*run_args(tiny_world, tmp_path, "typo", algorithm="vipo", **{key: typo})) == 2
+    line = one_line(capsys)
+    assert ("model.path" if key == "path" else "psm.backbone") in line and repr(typo) in line
+    assert "not looked up on the hub" in line and "HF_HUB_OFFLINE" not in line, line
+    assert asked == [] and not (tmp_path / "typo").exists()
     if key == "backbone":
         assert loaded == []
 
@@ -384,6 +452,7 @@ def test_reward_factory_failure_is_named_before_the_main_model(tiny_world, tmp_p
     assert run(*run_args(tiny_world, tmp_path, "rf", reward=f"{name}:factory")) == 2
     line = one_line(capsys)
     assert f"the reward '{name}:factory'" in line and "rm.safetensors" in line, line
+    assert "hub" not in line, line  # the hint is for hub errors only
     assert loaded == []
 
 
@@ -453,6 +522,29 @@ def test_failed_tensorboard_write_warns(tiny_world, tmp_path, monkeypatch, caplo
     assert "TensorBoard logs disabled" in caplog.text
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_full_disk_in_the_tensorboard_writer_thread(tiny_world, tmp_path, monkeypatch, caplog,
+                                                    capsys):
+    """TensorBoard's own writer thread hits a full disk (its file writes patched to create
+    the file and raise ENOSPC, as a full disk does): one warning, no thread traceback (pytest
+    turns an unhandled thread exception into a warning, here an error), no 0-byte file left,
+    training goes on."""
+    from tensorboard.compat.tensorflow_stub.io.gfile import LocalFileSystem
+
+    def full(self, filename, file_content, mode):
+        open(filename, mode).close()
+        _disk_full()
+
+    monkeypatch.setattr(LocalFileSystem, "_write", full)
+    assert run(*run_args(tiny_world, tmp_path, "tbt", tensorboard="true", iterations=3)) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    warnings = [r for r in caplog.records if "TensorBoard logs disabled" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert not [p for p in (tmp_path / "tbt").rglob("*") if p.is_file() and
+                p.stat().st_size == 0]
+    assert len(read_metrics(tmp_path / "tbt" / "metrics.csv")) == 3
+
+
 def test_failed_metrics_write_is_an_error(tiny_world, tmp_path, monkeypatch, capsys):
     from vipo.logging_utils import MetricsLogger
 
@@ -475,6 +567,8 @@ def test_full_disk_at_the_final_save_keeps_the_last_checkpoint(tiny_world, tmp_p
     assert run(*run_args(tiny_world, tmp_path, "full", iterations=3, checkpoint_every=2)) == 1
     line = one_line(capsys)
     assert "No space left on device" in line and "iter000002" in line, line
+    assert "kept: checkpoint iter000002 (iteration 2 of 3); the training of the last 1 " \
+        "iteration is lost" in line, line
     assert [c.name for c in complete_checkpoints(tmp_path / "full")] == ["iter000002"]
     monkeypatch.setattr(ck, "_write_weights", original)
     assert run(f"resume={tmp_path / 'full'}", f"output_dir={tmp_path}") == 0

@@ -39,10 +39,17 @@ def test_loss_cuda(backend, shape, ratio_level, dtype, rewards):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["batch", "position"])
-def test_loss_cuda_noncontiguous(backend, layout):
+@pytest.mark.parametrize("ratio_level", ["position", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loss_cuda_noncontiguous(backend, layout, ratio_level, dtype):
+    """Latents (and the KL reference) in a non-contiguous layout made on the device."""
     _backend_or_skip(backend)
-    case = make_loss_case(VIDEO, kl_coef=0.5, noncontiguous=layout, device="cuda")
-    check_loss_case(case, backend, torch.float32)
+    case = make_loss_case(VIDEO, dtype, ratio_level=ratio_level, kl_coef=0.5,
+                          noncontiguous=layout, device="cuda")
+    for t in (case.model_output, case.sample, case.next_sample,
+              case.kwargs["ref_model_output"]):
+        assert t.is_cuda and not t.is_contiguous()
+    check_loss_case(case, backend, dtype)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -110,7 +110,7 @@ def _noncontiguous(x: torch.Tensor, how: str) -> torch.Tensor:
     if how == "batch":
         return x.transpose(0, 1).contiguous().transpose(0, 1)
     if how == "position":
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         return wide[..., ::2]
     return x
@@ -170,9 +170,10 @@ def make_loss_case(shape=(3, 5, 7, 9), dtype=torch.float32, *, ratio_level="posi
         kwargs["reward_weights"] = list(REWARD_WEIGHTS[:rewards])
     if kl_coef > 0:
         kwargs["ref_model_output"] = _noncontiguous(
-            (v.double() + 0.1 * torch.randn(shape, dtype=torch.float64)).to(dtype),
-            noncontiguous).to(device)
-    v, z, x = (_noncontiguous(t, noncontiguous).to(device) for t in (v, z, x))
+            (v.double() + 0.1 * torch.randn(shape, dtype=torch.float64)).to(dtype).to(device),
+            noncontiguous)
+    # The layout is made on the device: .to() of a non-dense tensor makes a dense copy.
+    v, z, x = (_noncontiguous(t.to(device), noncontiguous) for t in (v, z, x))
     to_dev = (lambda t: t.to(device) if t is not None else None)
     kwargs = {k: to_dev(a) if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
     return LossCase(v, z, x, old.float().to(device), advantages.to(dtype).to(device),

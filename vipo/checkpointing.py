@@ -124,6 +124,7 @@ def save_checkpoint(folder: Path, parts: Trained, state: dict, rng: dict) -> Pat
     acc.wait_for_everyone()
     torch.save(rng, partial / f"rng_{acc.process_index}.pt")
     acc.wait_for_everyone()
+    failure = [None]
     if acc.is_main_process:
         try:
             _write_weights(parts, partial, weights)
@@ -134,15 +135,29 @@ def save_checkpoint(folder: Path, parts: Trained, state: dict, rng: dict) -> Pat
                     "complete": True}
             (partial / STATE).write_text(json.dumps(full, indent=1, allow_nan=True))  # last
             _commit(partial, final)
-        except Exception as err:
-            _failed_write(partial, final, err)
-    acc.wait_for_everyone()
+        except Exception as err:  # noqa: BLE001 - every process must learn of it below
+            failure = [err]
+    if acc.num_processes > 1:  # the others would wait for a process that raised
+        from accelerate.utils import broadcast_object_list
+
+        failure = [None if failure[0] is None else _one_line(failure[0])]
+        broadcast_object_list(failure)
+    if failure[0] is not None:
+        _failed_write(partial, final, failure[0])
     return final
 
 
-def _failed_write(partial: Path, final: Path, err: Exception):
-    """Removes the half-written ``partial`` folder and raises CheckpointError; a full disk is
-    named as such (torch.save reports it as ``unexpected pos``, safetensors in its own way)."""
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    full = " (No space left on device)" if getattr(err, "errno", None) == errno.ENOSPC else ""
+    return f"{text[0] if text else type(err).__name__}{full}"
+
+
+def _failed_write(partial: Path, final: Path, err):
+    """Removes the half-written ``partial`` folder and raises CheckpointError on every
+    process (``err``: the exception, or its line as the main process broadcast it); a full
+    disk is named as such (torch.save reports it as ``unexpected pos``, safetensors in its
+    own way)."""
     full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or \
         shutil.disk_usage(partial.parent).free < 16 * 2**20
     shutil.rmtree(partial, ignore_errors=True)

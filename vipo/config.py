@@ -461,6 +461,23 @@ def _check_rewards(cfg: Config) -> None:
 
 
 # ---- keys, types and parsing ----------------------------------------------------------------
+# What a checkpoint's weights and optimiser were built for: a resumed run keeps these.
+FIXED_ON_RESUME = ("model.arch", "model.path", "train.lora_rank", "train.lora_alpha",
+                   "train.lora_targets")
+
+
+def check_resume_compatible(saved: Config, cfg: Config) -> None:
+    """A resumed run's config ``cfg`` against the run's saved one: the fields its checkpoint
+    depends on may not change (ConfigError naming the first that does)."""
+    for key in FIXED_ON_RESUME:
+        section, name = key.split(".")
+        before, after = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if before != after:
+            raise ConfigError(f"{key}: cannot change on resume (the run's checkpoints were "
+                              f"trained with {before!r}, not {after!r}); resume without it, "
+                              f"or start a new run (another run_name)")
+
+
 def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
 

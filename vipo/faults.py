@@ -119,7 +119,11 @@ def phase(name: str, cfg):
 @contextlib.contextmanager
 def loading(what: str, name: str):
     """Errors while loading ``what`` from ``name`` (a folder, file or hub id) -> LoadError
-    naming it, in one line; a corrupt safetensors file is named too."""
+    naming it, in one line; a corrupt safetensors file is named too. A local-looking
+    ``name`` that does not exist fails at once: it is never sent to the hub."""
+    missing = missing_local(name)
+    if missing:
+        raise LoadError(f"cannot load {what} {name!r}: {missing}")
     try:
         yield
     except LoadError:
@@ -135,12 +139,49 @@ def _why(err: Exception, name: str) -> str:
     if bad is not None:
         return f"the file {str(bad)!r} is corrupt or truncated"
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not Path(name).exists() and _from_hub(err):
+        import huggingface_hub.constants
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return (f"not a local folder, and not in the hub cache; HF_HUB_OFFLINE is set, so "
+                    f"the hub was not asked ({text[:160]})")
+        return (f"not a local folder, and the hub cannot provide it ({text[:200]}); check "
+                f"the id and the network")
     if name in text:  # the loader's own message already names it (and says why)
         return text[:400]
-    if not Path(name).exists() and ("/" not in name or name.count("/") == 1):
-        return (f"not a local folder, and the hub cannot provide it ({text[:200]}); check "
-                f"the id, the network, or HF_HUB_OFFLINE")
     return f"{type(err).__name__}: {text[:300]}"
+
+
+def _from_hub(err: BaseException) -> bool:
+    """Whether ``err`` or an error it was raised from came from the hub client or the
+    network (a reward factory's own FileNotFoundError, say, did not)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx",
+                                                    "urllib3"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def missing_local(name: str) -> str | None:
+    """Why ``name`` is a local path that does not exist, or None (it exists, or may be a hub
+    id). Local-looking: starts with ./, ../, / or ~, has more than one separator (a hub id
+    has at most one), or its first part is an existing folder."""
+    path = Path(name).expanduser()
+    if not name or path.exists():
+        return None
+    parts = name.replace("\\", "/").split("/")
+    local = name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or len(parts) > 2 or \
+        (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+    if not local:
+        return None
+    nearest = path.absolute().parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    return (f"no such file or folder (the nearest existing folder is {str(nearest)!r}); a "
+            f"local path is not looked up on the hub")
 
 
 def _corrupt_safetensors(name: str) -> Path | None:

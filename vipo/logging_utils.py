@@ -31,14 +31,16 @@ class MetricsLogger:
         if start > 0 and self.path.is_file():
             self._truncate(start)
         self.writer = None
+        self.tensorboard_dir = Path(run_dir) / tensorboard_dir
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / tensorboard_dir),
+                _quiet_writer_threads()
+                self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir),
                                             purge_step=start or None)
             except OSError as err:
-                logger.warning("TensorBoard logs disabled: %s", err)
+                self._disable_tensorboard(err)
 
     def _truncate(self, start: int) -> None:
         with self.path.open(newline="") as f:
@@ -71,12 +73,50 @@ class MetricsLogger:
                     if key != "iteration" and math.isfinite(value):
                         self.writer.add_scalar(key, value, step)
             except OSError as err:
-                logger.warning("TensorBoard logs disabled: %s", err)
-                self.writer = None
+                self._disable_tensorboard(err)
+
+    def _disable_tensorboard(self, err: OSError) -> None:
+        """One warning; the writer is closed and event files it left empty are removed."""
+        text = str(err).strip().splitlines()
+        logger.warning("TensorBoard logs disabled, training goes on: %s",
+                       text[0] if text else type(err).__name__)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same failure again
+        if self.tensorboard_dir.is_dir():
+            for path in self.tensorboard_dir.rglob("*"):
+                if path.is_file() and path.stat().st_size == 0:
+                    path.unlink()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as err:  # a write failed in the writer's thread since the last log
+                self._disable_tensorboard(err)
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes from its own thread; when that fails (a full disk), the thread's
+    traceback would go to the console. The same error reaches MetricsLogger at its next write
+    (or close), which warns in one line, so the thread's report is dropped."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "vipo_quiet", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and \
+                issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.vipo_quiet = True
+    threading.excepthook = hook
 
 
 def _scalar(v) -> float:

@@ -89,7 +89,19 @@ def score_media(fn: RewardFn, media: torch.Tensor, prompts: list, cfg, name: str
 
 
 def _as_scores(scores, batch: int, name: str) -> torch.Tensor:
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float32).reshape(-1)
+    """A reward's output as (batch,) float32 scores; anything but real numbers is an error
+    naming the reward and what it returned."""
+    try:
+        tensor = torch.as_tensor(scores)
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or tensor.dtype == torch.bool or tensor.is_complex():
+        kind = type(scores).__name__
+        if isinstance(scores, (list, tuple)) and scores:
+            kind += f" of {type(scores[0]).__name__}"
+        raise ValueError(f"reward {name!r} returned a {kind}, not numbers: it must return one "
+                         f"real score per input (a tensor or a list of floats)")
+    scores = tensor.detach().to("cpu", torch.float32).reshape(-1)
     if scores.numel() != batch:
         raise ValueError(f"reward {name!r} returned {scores.numel()} scores for {batch} inputs")
     return scores

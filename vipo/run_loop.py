@@ -75,6 +75,11 @@ class RunLoop:
 
                 folder, self._lock = lock_auto_run_dir(run.output_dir, run.run_name)
                 folder, resumable = auto_run_dir(run.output_dir, run.run_name)
+                if resumable:  # the requeued command may not change what the weights are
+                    from .config import Config, check_resume_compatible
+
+                    saved = Config.from_yaml(folder / "config.yaml")
+                    check_resume_compatible(saved, self.cfg)
                 found = list(find_resume("auto", run.output_dir, run.run_name)) + [False] \
                     if resumable else [folder, None, True]
             elif run.resume:
@@ -170,6 +175,37 @@ class RunLoop:
             prune(self.run_dir, self.cfg.run.keep_checkpoints, metric)
         self.last_checkpoint = folder
         return folder
+
+    def _save_final(self) -> None:
+        """The final checkpoint. When its write fails (a full disk) the weights are still in
+        memory: one more try after pruning what keep_checkpoints allows (one process; several
+        would have to agree), else one line saying exactly what is kept."""
+        try:
+            self.checkpoint("final", "final")
+            return
+        except CheckpointError as err:
+            failed = err
+        run = self.cfg.run
+        if self.accelerator.num_processes == 1 and \
+                prune(self.run_dir, max(run.keep_checkpoints - 1, 1), run.best_metric):
+            logger.warning("%s; trying once more after removing older checkpoints", failed)
+            try:
+                self.checkpoint("final", "final")
+                return
+            except CheckpointError as err:
+                failed = err
+        raise CheckpointError(f"{failed}; {self._kept()}") from None
+
+    def _kept(self) -> str:
+        """What the run keeps when its final checkpoint could not be written."""
+        total, kept = self.cfg.train.iterations, self.last_checkpoint
+        state = kept and read_state(kept)
+        if not state:
+            return f"no checkpoint of this run is kept: the training of all {total} " \
+                f"iterations is lost (metrics.csv is kept)"
+        lost = total - state["iteration"]
+        return f"kept: checkpoint {kept.name} (iteration {state['iteration']} of {total}); " \
+            f"the training of the last {lost} iteration{'s' * (lost != 1)} is lost"
 
     def _check_space(self, tag: str) -> None:
         """Free space for the checkpoint, checked by the main process for all of them."""
@@ -273,7 +309,7 @@ class RunLoop:
                     with at_once():
                         self.evaluate(cfg.train.iterations)
                     if saving:
-                        self.checkpoint("final", "final")
+                        self._save_final()
                 except faults.StopNow as now:
                     if saving:
                         self._save_on_stop()

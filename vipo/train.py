@@ -8,11 +8,12 @@ shipped pretrained toy-world generator (vipo/toy) with ViPO on the CPU.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 
 from . import faults
-from .config import DEFAULT_PRESET, Config, help_text
+from .config import DEFAULT_PRESET, Config, check_resume_compatible, help_text
 from .errors import ConfigError
 from .prompts import load_prompts
 from .run_loop import RunLoop
@@ -34,11 +35,16 @@ def parse_args(args: list) -> Config:
                               f"overrides only, not {first!r}")
         run_dir, _ = find_resume(cfg.run.resume, cfg.run.output_dir, cfg.run.run_name)
         resume = cfg.run.resume
-        cfg = Config.from_yaml(run_dir / "config.yaml")
+        saved = Config.from_yaml(run_dir / "config.yaml")
+        cfg = copy.deepcopy(saved)
         cfg.apply_overrides(args)
+        check_resume_compatible(saved, cfg)
         cfg.run.resume = resume
+    # Prompt files are read now, before a run folder exists or a model loads.
     if cfg.sample.prompts != "builtin":
         load_prompts(cfg.sample.prompts)
+    if cfg.eval.eval_every >= 0 and cfg.eval.eval_prompts != "builtin":
+        load_prompts(cfg.eval.eval_prompts, "eval.eval_prompts")
     return cfg.validate()
 
 

@@ -30,14 +30,8 @@ class Adapter(abc.ABC):
     def __init__(self, cfg, device: torch.device, weight_dtype: torch.dtype):
         """cfg: ModelConfig; weight_dtype: dtype of the frozen components (and of the
         transformer's base weights under LoRA; the trainer upcasts trained weights)."""
-        import diffusers
-
         self.cfg, self.device, self.weight_dtype = cfg, device, weight_dtype
-        pipeline_cls = getattr(diffusers, self.pipeline_class)
-        # Weights only from safetensors (never pickles); hub code only when asked for.
-        self.pipe = pipeline_cls.from_pretrained(cfg.path, dtype=weight_dtype,
-                                                 use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+        self.pipe = self.load_pipeline(cfg, weight_dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.transformer = self.pipe.transformer
         for module in self.pipe.components.values():
@@ -47,6 +41,16 @@ class Adapter(abc.ABC):
             self.pipe.vae.to(torch.float32)
         self.pipe.to(device)
         self.use_cfg = self.wants_cfg()
+
+    def load_pipeline(self, cfg, weight_dtype: torch.dtype):
+        """The diffusers pipeline of ``model.path`` (a subclass may adopt one built in
+        memory instead: vipo.profile's random-weight real architectures)."""
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, self.pipeline_class)
+        # Weights only from safetensors (never pickles); hub code only when asked for.
+        return pipeline_cls.from_pretrained(cfg.path, dtype=weight_dtype, use_safetensors=True,
+                                            trust_remote_code=cfg.trust_remote_code)
 
     # ---- the interface: every adapter implements these four -------------------------------
     @abc.abstractmethod
