@@ -22,8 +22,8 @@ from vipo.trainer import Trainer
 
 def gap(dtype: str, sample_batch: int, train_batch: int, level: str) -> tuple[float, float]:
     cfg = Config.from_name("toy")
-    cfg.update({"sample_batch_size": sample_batch, "group_size": 16, "train_batch_size":
-                train_batch, "grad_accum": 16, "ratio_level": level,
+    cfg.update({"sample_batch_size": sample_batch, "group_size": sample_batch,
+                "train_batch_size": train_batch, "grad_accum": sample_batch, "ratio_level": level,
                 "old_log_probs": "rollout", "eval_every": -1, "cpu_threads": 2})
     trainer = Trainer(cfg.validate())
     if dtype == "bf16":  # bf16 weights and activations (the adapters cast latents to them)
@@ -43,7 +43,7 @@ def gap(dtype: str, sample_batch: int, train_batch: int, level: str) -> tuple[fl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--sample-batch", type=int, default=16, help="also the group size")
     parser.add_argument("--train-batch", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
