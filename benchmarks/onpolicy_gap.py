@@ -26,8 +26,8 @@ def gap(dtype: str, sample_batch: int, train_batch: int, level: str) -> tuple[fl
                 "train_batch_size": train_batch, "grad_accum": sample_batch, "ratio_level": level,
                 "old_log_probs": "rollout", "eval_every": -1, "cpu_threads": 2})
     trainer = Trainer(cfg.validate())
-    if dtype == "bf16":  # bf16 weights and activations (the adapters cast latents to them)
-        trainer.adapter.transformer.to(torch.bfloat16)
+    if dtype == "bf16":  # bf16 autocast around every transformer call, as on a GPU
+        trainer.accelerator.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     roll = trainer.sample(0)
     batches = trainer._micro_batches(roll.num_samples)
     stored = trainer._old_log_probs(roll, batches)
