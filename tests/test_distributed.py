@@ -48,10 +48,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_world, tmp_path
                       "diffusion_pytorch_model.safetensors")
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     worst = max(float((ddp[k] - one[k]).abs().max()) for k in one)
-    print(f"largest weight change {moved:.3e}, largest 2-process difference {worst:.3e}")
+    # Normwise: the two layouts sum the same gradients in another order (all-reduce over
+    # processes against accumulation in one), so in fp32 the weights may differ by rounding
+    # of relative size ~ n * 2^-24 for reductions of n terms (n ~ 1e3 here), normwise. An
+    # elementwise tolerance is no bound at all: Adam maps a gradient near adam_eps to an
+    # update anywhere in [-lr, lr], so single elements differ by what one CPU's rounding
+    # happens to give (1.2e-5 on an AMD EPYC, 4e-7 on an Intel Xeon).
+    diff = sum(float((ddp[k] - one[k]).double().pow(2).sum()) for k in one) ** 0.5
+    change = sum(float((one[k] - start[k]).double().pow(2).sum()) for k in one) ** 0.5
+    print(f"largest weight change {moved:.3e}; 2-process difference: largest {worst:.3e}, "
+          f"normwise {diff / change:.3e} of the change")
     assert moved > 1e-4  # the two steps did move the weights
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert diff <= 1e-3 * change
     rows_ddp, rows_one = (read_metrics(tmp_path / n / "metrics.csv") for n in ("ddp", "one"))
     assert len(rows_ddp) == len(rows_one) == 2  # only the main process wrote metrics
     assert [r["optimizer_steps"] for r in rows_ddp] == [1, 2] == \

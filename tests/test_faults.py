@@ -437,9 +437,9 @@ def _disk_full(*args, **kwargs):
 
 def test_failed_sample_image_warns_and_training_goes_on(tiny_world, tmp_path, monkeypatch,
                                                         caplog):
-    import vipo.train
+    import vipo.run_loop
 
-    monkeypatch.setattr(vipo.train, "save_grid", _disk_full)
+    monkeypatch.setattr(vipo.run_loop, "save_grid", _disk_full)
     assert run(*run_args(tiny_world, tmp_path, "img", image_every=1)) == 0
     assert "could not write the sample images of iteration 0" in caplog.text
     assert len(read_metrics(tmp_path / "img" / "metrics.csv")) == 2

@@ -193,15 +193,15 @@ def test_toy_fidelity_reward_and_its_details(evaluator):
 def test_evaluation_phase_is_deterministic(tmp_path):
     from vipo.config import Config
     from vipo.distributed import reset_accelerate_state
-    from vipo.train import Trainer
+    from vipo.run_loop import RunLoop
 
     reset_accelerate_state()
     cfg = Config.from_name("toy")
     cfg.update({"iterations": 1, "eval_samples": 4, "output_dir": str(tmp_path),
                 "run_name": "eval", "progress": False, "tensorboard": False})
-    trainer = Trainer(cfg.validate())
-    first = trainer.eval(trainer.model, 0)
-    second = trainer.eval(trainer.model, 0)
+    trainer = RunLoop(cfg.validate())
+    first = trainer.eval(trainer.trainer.model, 0)
+    second = trainer.eval(trainer.trainer.model, 0)
     assert first == second
     assert {"eval_redness", "eval_toy_fidelity", "eval_shape_acc",
             "eval_structure_iou"} <= set(first)

@@ -57,15 +57,16 @@ def changed(before: dict, module: torch.nn.Module) -> set:
 
 
 def run_two_steps(cfg):
-    from vipo.train import Trainer
+    from vipo.run_loop import RunLoop
 
-    trainer = Trainer(cfg)
+    loop = RunLoop(cfg)
+    trainer = loop.trainer
     pipe = trainer.adapter.pipe
     frozen = {name: snapshot(m) for name, m in pipe.components.items()
               if isinstance(m, torch.nn.Module) and name != "transformer"}
     trainable = {n for n, p in trainer.adapter.transformer.named_parameters() if p.requires_grad}
     weights = snapshot(trainer.adapter.transformer)
-    result = trainer.run()
+    result = loop.run()
     return trainer, result, frozen, trainable, weights
 
 
@@ -203,12 +204,12 @@ def test_recompute_reproduces_rollout_log_probs(worlds, tmp_path, ratio_level):
     (micro-batch of 1..2 samples with mixed timesteps) reproduces the rollout's log-probs."""
     from vipo_kernels import log_prob
 
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     cfg = make_cfg("sd3", worlds, tmp_path, ratio_level=ratio_level, num_steps=4,
                    guidance_scale=2.0)
     trainer = Trainer(cfg)
-    roll = trainer.sample()
+    roll = trainer.sample(0)
     worst = 0.0
     with torch.no_grad():
         for i in range(roll.num_samples):
@@ -235,15 +236,15 @@ def test_onpolicy_metric_is_logged(worlds, tmp_path):
 
 def test_sample_level_all_ones_map_equals_grpo(worlds, tmp_path):
     """ratio_level=sample with an all-ones allocation map gives exactly GRPO's update."""
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     results = []
     for use_map in (False, True):
         cfg = make_cfg("sd3", worlds, tmp_path, ratio_level="sample", iterations=1,
                        run_name=f"map{use_map}")
         trainer = Trainer(cfg)
-        roll = trainer.sample()
-        adv, _, _ = trainer.advantages(roll, trainer.score(roll))
+        roll = trainer.sample(0)
+        adv, _, _, _ = trainer.advantages(roll, trainer.score(roll))
         ones = torch.ones(roll.num_samples, *trainer.adapter.latent_shape()[1:])
         stats = trainer.optimize(roll, adv, ones if use_map else None)
         results.append((snapshot(trainer.adapter.transformer), stats))
@@ -320,11 +321,11 @@ def test_nonfinite_reward_drops_the_group(worlds, tmp_path, monkeypatch):
     rows = check_run(trainer, result, *rest)
     assert all(r["dropped_groups"] == 1 for r in rows)
     reset_accelerate_state()
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     trainer = Trainer(make_cfg("sd3", worlds, tmp_path, reward=["nan_reward:factory"],
                                run_name="raise"))
-    roll = trainer.sample()
+    roll = trainer.sample(0)
     from vipo.faults import TrainingError
 
     with pytest.raises(TrainingError, match="reward 'nan_reward:factory' of sample 0 "
@@ -351,11 +352,11 @@ def test_trainer_passes_maps_and_advantages_unchanged(worlds, tmp_path, monkeypa
     cfg = make_cfg("sd3", worlds, tmp_path, algorithm="vipo", map_norm=map_norm, map_floor=0.25,
                    reward=["redness", "jpeg_incompressibility"], reward_weights=[1.0, 0.5],
                    iterations=1)
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     trainer = Trainer(cfg)
-    roll = trainer.sample()
-    adv, maps, raw = trainer.advantages(roll, trainer.score(roll))
+    roll = trainer.sample(0)
+    adv, _, maps, raw = trainer.advantages(roll, trainer.score(roll))
     expected = {"minmax": raw, "mean_one": raw / raw.mean(dim=(1, 2), keepdim=True),
                 "floor": 0.25 + 0.75 * raw}[map_norm]
     torch.testing.assert_close(maps, expected)
@@ -402,7 +403,7 @@ def test_default_command_runs_the_toy_preset(tmp_path, capsys):
 
 def test_cfg_unconditional_branch_gets_no_gradient(worlds, tmp_path):
     """v = v_u + w (v_c - v_u) with v_u under no_grad: d(sum v)/dtheta = w d(sum v_c)/dtheta."""
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     trainer = Trainer(make_cfg("wan", worlds, tmp_path, guidance_scale=3.0))
     adapter, model = trainer.adapter, trainer.model
@@ -423,7 +424,7 @@ def test_cfg_unconditional_branch_gets_no_gradient(worlds, tmp_path):
 def test_flux_packing_round_trip(worlds, tmp_path):
     from diffusers import FluxPipeline
 
-    from vipo.train import Trainer
+    from vipo.trainer import Trainer
 
     trainer = Trainer(make_cfg("flux", worlds, tmp_path))
     factor = trainer.adapter.pipe.vae_scale_factor

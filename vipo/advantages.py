@@ -40,11 +40,7 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, weights: list,
         raise ValueError(f"rewards must have shape (N, K) with N = len(groups), got "
                          f"{tuple(rewards.shape)} for {groups.shape[0]} samples")
     keep, dropped = _finite_groups(rewards, groups, nonfinite, names, prompts)
-    if mode == "sum_rewards":
-        rewards = (rewards * torch.tensor(weights, dtype=torch.float64)).sum(dim=1, keepdim=True)
-        weights = [1.0]
-    elif mode != "per_reward":
-        raise ValueError(f"mode must be 'per_reward' or 'sum_rewards', got {mode!r}")
+    rewards, weights = combine_rewards(rewards, weights, mode)
     values = torch.zeros_like(rewards)
     zero_std = 0
     for g in torch.unique(groups[keep]):
@@ -60,6 +56,19 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, weights: list,
         values[idx] = torch.where(constant, 0.0, (r - r.mean(dim=0)) / (std + eps_std))
     return Advantages(values.to(torch.float32), list(weights), keep, zero_std, dropped,
                       int(torch.unique(groups).numel()))
+
+
+def combine_rewards(rewards: torch.Tensor, weights: list, mode: str) -> tuple:
+    """(rewards, loss weights) as the loss terms see them: ``per_reward`` keeps the K
+    columns and their weights; ``sum_rewards`` is the one weighted column with weight 1.
+    The one place the reward weights are applied before the loss."""
+    if mode == "sum_rewards":
+        summed = (rewards.double() * torch.tensor(weights, dtype=torch.float64)).sum(
+            dim=1, keepdim=True)
+        return summed, [1.0]
+    if mode != "per_reward":
+        raise ValueError(f"mode must be 'per_reward' or 'sum_rewards', got {mode!r}")
+    return rewards, list(weights)
 
 
 def _finite_groups(rewards, groups, nonfinite, names, prompts):

@@ -19,19 +19,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from . import sharding
+from .errors import CheckpointError
 
 STATE = "state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights finds it
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file."""
 
 
 # ---- finding checkpoints --------------------------------------------------------------------
@@ -86,124 +85,143 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# ---- RNG states ------------------------------------------------------------------------------
-def capture_rng(trainer_rng: random.Random) -> dict:
-    """Every RNG state of this process, as tensors and plain numbers (weights_only-loadable)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate(), "trainer": trainer_rng.getstate()}
-
-
-def restore_rng(states: dict, trainer_rng: random.Random) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(_tuples(states["python"]))
-    trainer_rng.setstate(_tuples(states["trainer"]))
-
-
-def _tuples(x):
-    """random.setstate needs tuples; a weights_only load may hand back lists."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 # ---- save ------------------------------------------------------------------------------------
-def save_checkpoint(trainer, tag: str, state: dict, rng: dict | None = None) -> Path:
-    """Writes checkpoint ``tag`` of ``trainer`` (every process must call this).
+@dataclass
+class Trained:
+    """What a checkpoint holds besides the run state: the (maybe sharded) model, its
+    optimiser and EMA, and how its weights are written (LoRA: through the pipeline class's
+    ``save_lora_weights``, so that ``pipe.load_lora_weights`` reads them)."""
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    ema: object = None
+    lora_pipeline: type | None = None
 
-    state: the counters and data order (trainer.resume_state()); rng: this process's RNG
-    states to store (default: the current ones)."""
-    acc = trainer.accelerator
-    final = trainer.run_dir / "checkpoints" / tag
-    partial = final.with_name(f".partial-{tag}")
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def trained_names(self) -> list:
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(folder: Path, parts: Trained, state: dict, rng: dict) -> Path:
+    """Writes the checkpoint ``folder`` (every process must call this; the gathers are
+    collectives). state: the JSON run state (vipo.run_state); rng: this process's RNG."""
+    acc = parts.accelerator
+    final = Path(folder)
+    partial = final.with_name(f".partial-{final.name}")
     acc.wait_for_everyone()
-    weights = acc.get_state_dict(trainer.model)  # gathers FSDP shards
-    optimizer = _optimizer_state(trainer)
+    weights = sharding.model_state_dict(parts.module, acc.is_main_process)
+    ema = _ema_tensors(parts)
+    optimizer = _optimizer_state(parts)
     if acc.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
-    torch.save(rng or capture_rng(trainer.rng), partial / f"rng_{acc.process_index}.pt")
+    torch.save(rng, partial / f"rng_{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_weights(trainer, partial, weights)
+        _write_weights(parts, partial, weights)
+        if ema is not None:
+            save_file(ema, partial / "ema.safetensors")
         torch.save(optimizer, partial / "optimizer.pt")
-        full = {**state, "tag": tag, "num_processes": acc.num_processes, "complete": True}
+        full = {**state, "tag": final.name, "num_processes": acc.num_processes,
+                "complete": True}
         (partial / STATE).write_text(json.dumps(full, indent=1, allow_nan=True))  # last file
         _commit(partial, final)
     acc.wait_for_everyone()
     return final
 
 
-def _write_weights(trainer, folder: Path, weights: dict) -> None:
-    from safetensors.torch import save_file
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.cfg.train.lora_rank > 0:
+def _write_weights(parts: Trained, folder: Path, weights: dict) -> None:
+    model = parts.module
+    if parts.lora_pipeline is not None:
         from peft.utils import get_peft_model_state_dict
 
         lora = get_peft_model_state_dict(model, state_dict=weights)
-        type(trainer.adapter.pipe).save_lora_weights(
+        parts.lora_pipeline.save_lora_weights(
             folder, transformer_lora_layers={k: v.contiguous().cpu() for k, v in lora.items()},
             transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
             safe_serialization=True)
     else:
-        model.save_pretrained(folder / "transformer", state_dict=weights, safe_serialization=True)
-    if trainer.ema is not None:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        save_file({n: p.detach().contiguous().cpu()
-                   for n, p in zip(names, trainer.ema.shadow_params)}, folder / "ema.safetensors")
+        write_diffusers_model(model, weights, folder / "transformer")
 
 
-def _is_fsdp(acc) -> bool:
-    from accelerate.utils import DistributedType
+def write_diffusers_model(model, weights: dict, folder: Path, max_shard_size="10GB") -> None:
+    """A diffusers model folder (config.json + safetensors, an index when split) holding
+    ``weights``, the full tensors. diffusers' own ``save_pretrained(state_dict=...)``
+    (0.42.1) ignores the given state dict and writes the module's (local, sharded)
+    tensors, so the files are written here in its layout instead."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-    return acc.distributed_type == DistributedType.FSDP
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    split = split_torch_state_dict_into_shards(
+        weights, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: weights[n] for n in names}, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2))
 
 
-def _optimizer_state(trainer) -> dict:
-    acc = trainer.accelerator
-    if _is_fsdp(acc):  # a collective: every process takes part (not run on this machine)
+def _ema_tensors(parts: Trained) -> dict | None:
+    """The EMA weights as full CPU tensors by parameter name (a collective when sharded)."""
+    if parts.ema is None:
+        return None
+    return {n: sharding.full_tensor(p.detach()).contiguous().cpu()
+            for n, p in zip(parts.trained_names(), parts.ema.shadow_params)}
+
+
+def _optimizer_state(parts: Trained) -> dict:
+    if sharding.is_sharded(parts.model):  # a collective: every process takes part
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_optimizer_state_dict)
 
-        return get_optimizer_state_dict(trainer.model, trainer.optimizer.optimizer,
+        return get_optimizer_state_dict(parts.model, parts.optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
-    return trainer.optimizer.state_dict()
+    return parts.optimizer.state_dict()
 
 
 # ---- load ------------------------------------------------------------------------------------
-def load_checkpoint(trainer, folder: Path) -> dict:
-    """Restores weights, EMA, optimizer and this process's RNG from ``folder``; returns its
-    state.json. Raises CheckpointError naming the file that is missing or corrupt."""
+def load_checkpoint(folder: Path, parts: Trained) -> tuple[dict, dict | None]:
+    """Restores weights, EMA and optimiser from ``folder``; returns (its state.json, this
+    process's RNG states, or None when the checkpoint was written by another number of
+    processes). Raises CheckpointError naming the file that is missing or corrupt."""
     folder = Path(folder)
     state = read_state(folder)
     if state is None:
         raise CheckpointError(f"checkpoint {str(folder)!r} is incomplete or has no readable "
                               f"{STATE}")
-    acc = trainer.accelerator
-    model = acc.unwrap_model(trainer.model)
-    if trainer.cfg.train.lora_rank > 0:
-        from peft.utils import set_peft_model_state_dict
-
-        lora = _read_safetensors(folder / LORA_FILE)
-        set_peft_model_state_dict(model, {k.removeprefix("transformer."): v
-                                          for k, v in lora.items()})
+    acc = parts.accelerator
+    main = acc.is_main_process or not sharding.is_sharded(parts.model)
+    if parts.lora_pipeline is not None:
+        lora = _read_safetensors(folder / LORA_FILE) if main else {}
+        weights = _lora_to_model_keys(parts.module, lora)
+        where = folder / LORA_FILE
     else:
-        _load_full(model, folder / "transformer")
-    if trainer.ema is not None:
+        weights = _read_full(folder / "transformer") if main else {}
+        where = folder / "transformer"
+    missing, unexpected = sharding.load_model_state_dict(parts.module, weights)
+    trained = set(parts.trained_names())
+    if unexpected or (parts.lora_pipeline is None and missing) or \
+            (parts.lora_pipeline is not None and trained & set(missing)):
+        raise CheckpointError(f"checkpoint {str(where)!r} does not match the model: missing "
+                              f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    if parts.ema is not None:
         ema = _read_safetensors(folder / "ema.safetensors")
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        trainer.ema.load_state_dict({**state["ema"], "shadow_params": [ema[n] for n in names]})
-    _load_optimizer(trainer, _torch_load(folder / "optimizer.pt"))
-    rng_file = folder / f"rng_{acc.process_index}.pt"
+        shadow = [sharding.like(ema[n], p)
+                  for n, p in zip(parts.trained_names(), parts.ema.shadow_params)]
+        parts.ema.load_state_dict({**state["ema"], "shadow_params": shadow})
+    _load_optimizer(parts, _torch_load(folder / "optimizer.pt"))
+    rng = None
     if state["num_processes"] == acc.num_processes:
-        restore_rng(_torch_load(rng_file), trainer.rng)
+        rng = _torch_load(folder / f"rng_{acc.process_index}.pt")
     else:
         import logging
 
@@ -211,10 +229,24 @@ def load_checkpoint(trainer, folder: Path) -> dict:
             "checkpoint %s was written by %d processes, this run has %d: RNG streams restart "
             "from the seed, so the run goes on but not bit-identically", folder,
             state["num_processes"], acc.num_processes)
-    return state
+    return state, rng
 
 
-def _load_full(model, folder: Path) -> None:
+def _lora_to_model_keys(model, lora: dict) -> dict:
+    """diffusers' LoRA file keys (``transformer.<module>.lora_A.weight``) -> the model's
+    own parameter names (peft's ``.default`` adapter name inserted)."""
+    names = {n.replace(".default", ""): n for n in model.state_dict() if "lora_" in n}
+    out = {}
+    for key, value in lora.items():
+        name = key.removeprefix("transformer.")
+        if name not in names:
+            raise CheckpointError(f"LoRA weight {key!r} of the checkpoint is not in the model "
+                                  f"(another lora_rank or lora_targets?)")
+        out[names[name]] = value
+    return out
+
+
+def _read_full(folder: Path) -> dict:
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -223,22 +255,19 @@ def _load_full(model, folder: Path) -> None:
     weights = {}
     for name in files:
         weights.update(_read_safetensors(folder / name))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {str(folder)!r} does not match the model: missing "
-                              f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    return weights
 
 
-def _load_optimizer(trainer, optimizer_state: dict) -> None:
-    if _is_fsdp(trainer.accelerator):  # not run on this machine (no GPU)
+def _load_optimizer(parts: Trained, optimizer_state: dict) -> None:
+    if sharding.is_sharded(parts.model):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
 
-        set_optimizer_state_dict(trainer.model, trainer.optimizer.optimizer, optimizer_state,
+        set_optimizer_state_dict(parts.model, parts.optimizer.optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True,
                                                           broadcast_from_rank0=True))
     else:
-        trainer.optimizer.load_state_dict(optimizer_state)
+        parts.optimizer.load_state_dict(optimizer_state)
 
 
 def _read_safetensors(path: Path) -> dict:

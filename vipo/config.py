@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 # Wan's default negative prompt (Wan2.1 shared_config.sample_neg_prompt), used with CFG.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -24,8 +26,6 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
 
 
 def _interval(text: str) -> tuple:
@@ -208,6 +208,17 @@ class TrainConfig:
     seed: int = _f(0, "seed of prompts, noise and step subsets (offset by process index)")
     kernel_backend: str = _f("auto", "vipo_kernels backend", ("auto", "torch", "triton", "cpp",
                                                               "cuda"))
+    fsdp: bool = _f(False, "shard the transformer over the processes with torch FSDP2 "
+                    "(fully_shard per block; parameters, gradients and AdamW state sharded, "
+                    "also under accumulation; vipo/sharding.py); no effect with one process")
+    old_log_probs: str = _f("auto", "old log-probs of the ratio: rollout (as sampled), recompute "
+                            "(a no-grad forward in the training layout, so the first step's "
+                            "ratios are exactly 1 even where bf16 matmuls are not "
+                            "batch-invariant; one extra forward per trained step), auto "
+                            "(recompute in bf16, rollout in fp32)", ("auto", "rollout", "recompute"))
+    onpolicy_check: str = _f("stop", "at the first iteration every ratio must start within "
+                             "clip_range/10 of 1: stop (one line naming the fix) or warn; off",
+                             ("stop", "warn", "off"))
 
 
 @dataclass
@@ -581,7 +592,7 @@ PRESETS: dict[str, dict] = {
                 "aggregation": "weighted", "psm_sigma": 1.0},
         "train": {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
                   "adv_clip": 5.0, "timestep_fraction": 0.6, "lr": 1e-5, "grad_accum": 4,
-                  "max_grad_norm": 1.0, "iterations": 300},
+                  "max_grad_norm": 1.0, "iterations": 300, "fsdp": True},
         # The paper's out-of-domain columns (Table 1): PickScore and ImageReward.
         "eval": {"eval_every": 25, "eval_samples": 16, "eval_rewards": ["pickscore",
                                                                         "imagereward"]},
@@ -603,7 +614,7 @@ PRESETS: dict[str, dict] = {
                 "aggregation": "weighted", "psm_sigma": 1.0},
         "train": {"algorithm": "vipo", "ratio_level": "position", "clip_range": 1e-4,
                   "adv_clip": 5.0, "timestep_fraction": 0.6, "lr": 5e-6, "grad_accum": 4,
-                  "max_grad_norm": 1.0, "iterations": 10000},
+                  "max_grad_norm": 1.0, "iterations": 10000, "fsdp": True},
         "run": {"image_every": 10, "checkpoint_every": 100},
     },
     # METHOD.md 8, column sd35_flowgrpo (Flow-GRPO config/grpo.py): the GRPO baseline.

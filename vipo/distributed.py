@@ -15,7 +15,7 @@ import random
 
 import torch
 
-from .advantages import Advantages, group_advantages
+from .advantages import Advantages, combine_rewards, group_advantages
 
 
 class PromptSampler:
@@ -66,26 +66,25 @@ def group_generator(seed: int, iteration: int, group: int, device) -> torch.Gene
 
 
 def global_advantages(acc, rewards: torch.Tensor, groups: torch.Tensor, weights: list,
-                      reward_cfg, prompts: list) -> Advantages:
-    """Group advantages over the samples of every process; returns this process's rows.
+                      reward_cfg, prompts: list) -> tuple[Advantages, torch.Tensor]:
+    """Group advantages over the samples of every process: (this process's rows, every
+    process's rewards (P*N, K) on the CPU, gathered once for the advantages and the logs).
 
     rewards (N, K) and groups (N,) global group ids; every process holds the same N."""
     every = acc.gather(rewards.to(acc.device, torch.float32)).cpu()      # (P*N, K)
     every_groups = acc.gather(groups.to(acc.device)).cpu()               # (P*N,)
-    names = reward_cfg.reward
+    combined, combined_weights = combine_rewards(every, weights, reward_cfg.multi_reward)
     batch_std = None
     if reward_cfg.std_scope == "batch":
-        pooled = every.double()
-        if reward_cfg.multi_reward == "sum_rewards":
-            pooled = (pooled * torch.tensor(weights, dtype=torch.float64)).sum(1, keepdim=True)
+        pooled = combined.double()
         batch_std = pooled[torch.isfinite(pooled).all(dim=1)].std(dim=0, unbiased=True)
-    all_prompts = _gather_list(acc, prompts)
     adv = group_advantages(every, every_groups, weights, mode=reward_cfg.multi_reward,
                            eps_std=reward_cfg.eps_std, nonfinite=reward_cfg.nonfinite_reward,
-                           batch_std=batch_std, names=names, prompts=all_prompts)
+                           batch_std=batch_std, names=reward_cfg.reward,
+                           prompts=_gather_list(acc, prompts))
     mine = slice(acc.process_index * len(rewards), (acc.process_index + 1) * len(rewards))
     return Advantages(adv.values[mine], adv.weights, adv.keep[mine], adv.zero_std_groups,
-                      adv.dropped_groups, adv.total_groups)
+                      adv.dropped_groups, adv.total_groups), every
 
 
 def _gather_list(acc, items: list) -> list:
@@ -101,18 +100,19 @@ _HIGHEST = ("ratio_max", "onpolicy_max_abs_log_ratio")
 
 
 def reduce_stats(acc, stats: dict) -> dict:
-    """Training statistics of this process -> the same over every process."""
-    if acc.num_processes == 1 or not stats:
-        return stats
+    """Training statistics of this process (device scalars) -> host floats reduced over
+    every process (min, max or mean), in one device-to-host transfer."""
+    if not stats:
+        return {}
     keys = sorted(stats)
-    local = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=acc.device)
-    every = acc.gather(local[None]).cpu()                                # (P, S)
-    out = {}
-    for col, key in enumerate(keys):
-        values = every[:, col]
-        out[key] = float(values.min() if key in _LOWEST else
-                         values.max() if key in _HIGHEST else values.mean())
-    return out
+    local = torch.stack([torch.as_tensor(stats[k], device=acc.device).double().reshape(())
+                         for k in keys])
+    if acc.num_processes > 1:
+        every = acc.gather(local[None])                                  # (P, S)
+        local = torch.stack([every[:, i].amin() if key in _LOWEST else
+                             every[:, i].amax() if key in _HIGHEST else every[:, i].mean()
+                             for i, key in enumerate(keys)])
+    return dict(zip(keys, local.cpu().tolist()))
 
 
 def reset_accelerate_state() -> None:

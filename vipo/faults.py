@@ -16,32 +16,9 @@ import logging
 import signal
 from pathlib import Path
 
+from .errors import LoadError, RunStopped, TrainingError  # noqa: F401 - re-exported
+
 logger = logging.getLogger("vipo")
-
-
-class TrainingError(RuntimeError):
-    """A failure reported in one line; ``save``: the state may still be checkpointed;
-    ``everywhere``: raised by every process alike (it comes from gathered data), so all of
-    them can take part in the crash checkpoint's collectives."""
-
-    def __init__(self, message: str, *, save: bool = True, everywhere: bool = False):
-        super().__init__(message)
-        self.save, self.everywhere = save, everywhere
-
-
-class LoadError(TrainingError):
-    """A model, file or hub id that cannot be loaded (raised before training starts)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, save=False)
-
-
-class RunStopped(Exception):
-    """Raised by the loop after a stop signal, once the checkpoint is written."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class StopSignals:

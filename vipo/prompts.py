@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 BUILTIN_PROMPTS = [
     "a red apple on a wooden table", "a cat sleeping on a sofa", "a lighthouse at sunset",

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 RewardFn = Callable[[torch.Tensor, list], torch.Tensor]
 _REGISTRY: dict[str, Callable] = {}
 
@@ -58,7 +60,6 @@ def reward_tag(name: str) -> str:
 
 def check_reward_name(name: str, field: str = "reward.reward") -> None:
     """Start-up check (no model loaded): the name is registered or importable."""
-    from .config import ConfigError
 
     try:
         _resolve(name)

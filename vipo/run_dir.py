@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def create_run_dir(output_dir, run_name: str, preset: str) -> Path:

@@ -94,16 +94,3 @@ class Adapter(abc.ABC):
     def to_unit(pixels: torch.Tensor) -> torch.Tensor:
         """VAE output in [-1, 1] -> float32 in [0, 1]."""
         return (pixels.float() / 2 + 0.5).clamp(0, 1)
-
-
-def get_adapter(arch: str):
-    """The adapter class for ``arch``; imported lazily so that only its model code loads."""
-    if arch == "sd3":
-        from .sd3 import SD3Adapter as cls
-    elif arch == "flux":
-        from .flux import FluxAdapter as cls
-    elif arch == "wan":
-        from .wan import WanAdapter as cls
-    else:
-        raise ValueError(f"model.arch must be one of sd3, flux, wan; got {arch!r}")
-    return cls

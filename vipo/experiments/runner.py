@@ -47,14 +47,14 @@ def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quic
             return truncate(saved, wanted, variant, folder)
     from ..config import Config
     from ..distributed import reset_accelerate_state
-    from ..train import Trainer
+    from ..run_loop import RunLoop
 
     shutil.rmtree(folder, ignore_errors=True)   # an interrupted run restarts from scratch
-    reset_accelerate_state()                    # each Trainer builds its own Accelerator
+    reset_accelerate_state()                    # each RunLoop builds its own Accelerator
     cfg = Config.from_name("toy")
     cfg.update({**overrides, "seed": seed, "output_dir": str(folder.parent),
                 "run_name": folder.name, "checkpoint_every": -1, "progress": False})
-    result = Trainer(cfg.validate()).run()
+    result = RunLoop(cfg.validate()).run()
     saved = {"arm": variant.arm, "seed": seed, "iterations": cfg.train.iterations,
              "overrides": {k: v for k, v in overrides.items()},
              "seconds": result["seconds"], "eval": result["eval"],
