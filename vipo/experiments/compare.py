@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run "
                         "(they change the run folders' contents, not their names: use a new "
                         "--out)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may sit between positionals
     from tqdm.auto import tqdm
 
     from ..config import Config
