@@ -38,8 +38,9 @@ from .specs import EXPERIMENTS, experiment_config
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -71,7 +72,8 @@ def _note(experiment, results: list, seeds: int, quick: bool, overrides: dict,
             f"{cfg.train.iterations} iterations x {cfg.samples_per_iter} samples x "
             f"{cfg.train_steps_per_sample} trained steps, lr {cfg.train.lr:g}, otherwise the "
             f"`toy` preset (clip range {cfg.train.clip_range:g} where the variant does not "
-            f"set it){extra}; evaluated {when} on {cfg.eval.eval_samples} held-out prompts (ODE, {cfg.sample.num_steps} steps). "
+            f"set it){extra}; evaluated {when} on {cfg.eval.eval_samples} held-out prompts "
+            f"(ODE, {cfg.sample.num_steps} steps). "
             f"The runs' own wall times sum to {sum(r['seconds'] for r in results):.0f} s "
             f"({_machine()}, {cfg.run.cpu_threads or 'default'} torch thread(s)); this call took "
             f"{seconds:.0f} s.")
