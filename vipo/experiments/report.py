@@ -97,6 +97,29 @@ def target_over_time(experiment: Experiment, groups: dict, last: int) -> list[st
     return lines
 
 
+def summary(experiment: Experiment, groups: dict, last: int) -> list[str]:
+    """One row per variant: the target at iteration 30 and at the end; at the headline gain
+    the iterations it took, the other region's redness, fidelity and structure; the share
+    of ratios clipped."""
+    gain, target = experiment.headline_gain, experiment.target
+    early = min(30, last)
+    keys = ([experiment.off_target] if experiment.off_target else []) + \
+        ["eval_toy_fidelity", "eval_structure_iou"]
+    heads = [f"{SHORT[target]}, it. {early}", f"it. {last}", f"iterations to +{gain:g}"] + \
+        [f"{SHORT[k]} at +{gain:g}" for k in keys] + ["clipped"]
+    lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for label, runs in groups.items():
+        reached = [r for r in runs if math.isfinite(at_gain(r, "iteration", target, gain))]
+        its = cell([at_gain(r, "iteration", target, gain) for r in reached], 0)
+        cells = [cell([at_iteration(r, target, i) for r in runs]) for i in (early, last)]
+        cells.append(its if len(reached) == len(runs) else f"{its} ({len(reached)}/{len(runs)})")
+        cells += [cell([at_gain(r, k, target, gain) for r in reached]) for k in keys]
+        clipped = [_run_mean(r, "clip_frac_low") + _run_mean(r, "clip_frac_high") for r in runs]
+        cells.append(_g(clipped))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def equal_gain(experiment: Experiment, groups: dict) -> list[str]:
     keys = [k for k in metrics(experiment)[1:]]
     heads = ["iterations to reach it"] + [SHORT.get(k, k[5:]) for k in keys]
@@ -230,6 +253,10 @@ def write_report(experiment: Experiment, results: list[dict], folder: Path, note
     groups = by_label(results)
     last = min(r["eval"][-1]["iteration"] for r in results)
     lines = [f"# Toy-world experiment `{experiment.name}`: {experiment.about}", "", note, "",
+             "## Summary", "", "Mean ± std over seeds; a gain is counted from the value "
+             "before training; fidelity and structure are the evaluator's; clipped is the "
+             "share of ratios outside the clip range, mean over iterations (the level the run "
+             "trains at: positions or samples).", "", *summary(experiment, groups, last), "",
              f"## At equal iterations ({last})", "", *equal_iterations(experiment, groups, last),
              "", "Over time:", "", *target_over_time(experiment, groups, last), "",
              "## At equal gain", "",
