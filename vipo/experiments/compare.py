@@ -29,19 +29,9 @@ sweep.png for the sweep) goes to ``<out>/<experiment>/``.
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 from .specs import EXPERIMENTS, experiment_config
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                              capture_output=True, text=True, cwd=Path(__file__).parent,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _machine() -> str:
@@ -66,7 +56,8 @@ def _note(experiment, results: list, seeds: int, quick: bool, overrides: dict) -
         "before and after training"
     kind = "A --quick smoke run (not a result)" if quick else "Toy world"
     extra = f"; overrides {overrides}" if overrides else ""
-    return (f"{kind}, code at commit {_commit()}; {seeds} seed(s) per variant, "
+    commits = ", ".join(sorted({r.get("commit", "unknown") for r in results}))
+    return (f"{kind}, runs trained at commit {commits}; {seeds} seed(s) per variant, "
             f"{cfg.train.iterations} iterations x {cfg.samples_per_iter} samples x "
             f"{cfg.train_steps_per_sample} trained steps, lr {cfg.train.lr:g}, otherwise the "
             f"`toy` preset (clip range {cfg.train.clip_range:g} where the variant does not "

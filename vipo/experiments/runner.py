@@ -56,12 +56,25 @@ def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quic
                 "run_name": folder.name, "checkpoint_every": -1, "progress": False})
     result = RunLoop(cfg.validate()).run()
     saved = {"arm": variant.arm, "seed": seed, "iterations": cfg.train.iterations,
+             "commit": commit(),
              "overrides": {k: v for k, v in overrides.items()},
              "seconds": result["seconds"], "eval": result["eval"],
              "history": [{k: row.get(k, math.nan) for k in TRAIN_KEYS}
                          for row in result["history"]]}
     done.write_text(json.dumps(saved, indent=1))
     return truncate(saved, wanted, variant, folder)
+
+
+def commit() -> str:
+    """The code's git commit (``-dirty`` with local changes), or ``unknown``."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _iterations(overrides: dict) -> int:
