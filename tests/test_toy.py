@@ -208,28 +208,6 @@ def test_evaluation_phase_is_deterministic(tmp_path):
     assert (tmp_path / "eval" / "eval" / "iter000000.png").is_file()
 
 
-# ---- the comparison -------------------------------------------------------------------------
-def test_quick_comparison_writes_table_plot_and_grids(tmp_path, capsys):
-    from vipo.experiments import compare
-
-    assert compare.main(["--quick", "--out", str(tmp_path)]) == 0
-    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
-    rows = (tmp_path / "results.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[0] for r in rows] == list(compare.METHODS)
-    assert all(r.split(",")[1] == "2" for r in rows)  # two seeds each
-    assert "eval_redness_after" in header and "eval_structure_iou_after" in header
-    table = (tmp_path / "results.md").read_text()
-    assert "| before training |" in table and "vipo_mean_one" in table
-    for name in ("curves.png", "grids.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-    first = json.loads((tmp_path / "runs" / "grpo-seed0" / "result.json").read_text())
-    assert [row["iteration"] for row in first["eval"]] == [0, 2, 4]
-    # A finished run is skipped: a second call reuses every result.json.
-    stamp = (tmp_path / "runs" / "grpo-seed0" / "result.json").stat().st_mtime_ns
-    assert compare.main(["--quick", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "runs" / "grpo-seed0" / "result.json").stat().st_mtime_ns == stamp
-
-
 def test_pretrain_trains_every_model_through_the_one_loop(tmp_path):
     """Two steps of each toy model's training (the one ``fit`` loop): weights, log and card
     data are written, and the loss is finite."""

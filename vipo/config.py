@@ -176,6 +176,11 @@ class PSMConfig:
     map_norm: str = _f("minmax", "minmax (paper); mean_one: M/mean(M); floor: alpha + (1 - "
                        "alpha) M (METHOD.md 6)", ("minmax", "mean_one", "floor"))
     map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]", bounds="[0, 1]")
+    map_source: str = _f("psm", "where the map comes from (docs/method.md): psm (the "
+                         "backbone's, the paper); uniform (ones); oracle (the prompt's rendered "
+                         "object mask, toy-world prompts only); inverted (1 - the PSM map); "
+                         "random_backbone (the backbone's architecture with random weights)",
+                         ("psm", "uniform", "oracle", "inverted", "random_backbone"))
 
 
 @dataclass

@@ -76,7 +76,9 @@ def plot_curves(metrics_csv, out_png, keys=DEFAULT_KEYS) -> Path:
     return Path(out_png)
 
 
-BAND_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+BAND_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                (140, 86, 75), (227, 119, 194), (23, 190, 207), (127, 127, 127)]
+LEGEND_ROW = 14
 
 
 def plot_bands(panels: dict, out_png) -> Path:
@@ -86,21 +88,41 @@ def plot_bands(panels: dict, out_png) -> Path:
     keys = [k for k, series in panels.items() if series]
     if not keys:
         raise ValueError("plot_bands: nothing to plot")
-    image = Image.new("RGB", (PANEL_W, PANEL_H * len(keys) + 20), "white")
+    methods = list(next(iter(panels[k] for k in keys)))
+    image = Image.new("RGB", (PANEL_W, PANEL_H * len(keys) + _legend_height(methods)), "white")
     draw = ImageDraw.Draw(image, "RGBA")
     for i, key in enumerate(keys):
         _band_panel(draw, i * PANEL_H, key, panels[key])
-    _legend(draw, list(next(iter(panels[k] for k in keys))), PANEL_H * len(keys) + 4)
+    _legend(draw, methods, PANEL_H * len(keys) + 4)
     image.save(out_png)
     return Path(out_png)
 
 
-def _legend(draw, methods: list, top: int) -> None:
-    """Method names in their line colours, left to right."""
-    x = MARGIN
+def _legend_rows(methods: list) -> list[list[tuple[int, str]]]:
+    """(colour index, name) rows that fit the panel width."""
+    rows, x = [[]], MARGIN
     for j, method in enumerate(methods):
-        draw.text((x, top), method, fill=BAND_COLOURS[j % 5])
-        x += 8 + 7 * len(method)
+        width = 8 + 7 * len(method)
+        if rows[-1] and x + width > PANEL_W:
+            rows.append([])
+            x = MARGIN
+        rows[-1].append((j, method))
+        x += width
+    return rows
+
+
+def _legend_height(methods: list) -> int:
+    return LEGEND_ROW * len(_legend_rows(methods)) + 6
+
+
+def _legend(draw, methods: list, top: int) -> None:
+    """Method names in their line colours, left to right, wrapped to the panel width."""
+    for r, row in enumerate(_legend_rows(methods)):
+        x = MARGIN
+        for j, method in row:
+            draw.text((x, top + r * LEGEND_ROW), method,
+                      fill=BAND_COLOURS[j % len(BAND_COLOURS)])
+            x += 8 + 7 * len(method)
 
 
 def _band_panel(draw, top: int, key: str, series: dict) -> None:
@@ -120,7 +142,7 @@ def _band_panel(draw, top: int, key: str, series: dict) -> None:
                 bottom - (bottom - top - 22) * (y - lo) / (hi - lo))
 
     for j, (xs, means, stds) in enumerate(series.values()):
-        colour = BAND_COLOURS[j % 5]
+        colour = BAND_COLOURS[j % len(BAND_COLOURS)]
         upper = [point(x, m + s) for x, m, s in zip(xs, means, stds)]
         lower = [point(x, m - s) for x, m, s in zip(xs, means, stds)]
         if len(xs) > 1:
@@ -135,9 +157,9 @@ def _band_panel(draw, top: int, key: str, series: dict) -> None:
 def plot_xy(panels: dict, out_png, x_label: str) -> Path:
     """One panel per title, a line with dots per method: panels {title: {method: (xs, ys)}}
     (e.g. out-of-domain fidelity against in-domain reward, one point per evaluation)."""
-    image = Image.new("RGB", (PANEL_W, PANEL_H * len(panels) + 20), "white")
+    methods = list(dict.fromkeys(m for series in panels.values() for m in series))
+    image = Image.new("RGB", (PANEL_W, PANEL_H * len(panels) + _legend_height(methods)), "white")
     draw = ImageDraw.Draw(image)
-    methods: list = []
     for i, (title, series) in enumerate(panels.items()):
         top = i * PANEL_H
         left, right, bottom = MARGIN, PANEL_W - 12, top + PANEL_H - 24
@@ -153,15 +175,13 @@ def plot_xy(panels: dict, out_png, x_label: str) -> Path:
             return (left + (right - left) * (x - x_lo) / (x_hi - x_lo),
                     bottom - (bottom - top - 22) * (y - y_lo) / (y_hi - y_lo))
 
-        for j, (method, (a, b)) in enumerate(series.items()):
-            colour = BAND_COLOURS[j % 5]
+        for method, (a, b) in series.items():
+            colour = BAND_COLOURS[methods.index(method) % len(BAND_COLOURS)]
             pts = [point(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for px, py in pts:
                 draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            if method not in methods:
-                methods.append(method)
         draw.text((left, top + 4), title, fill=(0, 0, 0))
         draw.text((4, top + 22), f"{y_hi:.3g}", fill=(90, 90, 90))
         draw.text((4, bottom - 10), f"{y_lo:.3g}", fill=(90, 90, 90))

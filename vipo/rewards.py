@@ -108,13 +108,42 @@ def _as_scores(scores, batch: int, name: str) -> torch.Tensor:
 
 
 # ---- rule rewards (METHOD.md 10) ------------------------------------------------------------
+def _pixel_redness(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) R - (G + B)/2 of (B, 3, H, W) images."""
+    r, g, b = images.float().unbind(dim=1)
+    return r - 0.5 * (g + b)
+
+
 @register_reward("redness")
 def redness(cfg=None, device=None) -> RewardFn:
     """Mean over pixels of R - (G + B)/2 (the paper's Fig. 5 experiment); range [-1, 1]."""
-    def fn(images, prompts):
-        r, g, b = images.float().unbind(dim=1)
-        return (r - 0.5 * (g + b)).flatten(1).mean(dim=1)
-    return fn
+    return lambda images, prompts: _pixel_redness(images).flatten(1).mean(dim=1)
+
+
+def _region_redness(images: torch.Tensor, prompts: list, on_object: bool) -> torch.Tensor:
+    """Mean redness over the pixels inside (or outside) the object mask that each toy
+    prompt's spec renders to: a reward that lives on one region of the picture."""
+    from .toy import world
+
+    height, width = images.shape[-2:]
+    if height != width:
+        raise ValueError(f"region rewards need square toy-world images, got {height}x{width}")
+    masks = world.prompt_masks(list(prompts), height).to(images.device)   # (B, H, W) bool
+    region = (masks if on_object else ~masks).float()
+    return (_pixel_redness(images) * region).flatten(1).sum(1) / region.flatten(1).sum(1)
+
+
+@register_reward("object_redness")
+def object_redness(cfg=None, device=None) -> RewardFn:
+    """Redness averaged over the object the prompt asks for (its rendered mask; toy-world
+    prompts only, docs/toy_world.md): a reward that lives on the object."""
+    return lambda images, prompts: _region_redness(images, prompts, on_object=True)
+
+
+@register_reward("background_redness")
+def background_redness(cfg=None, device=None) -> RewardFn:
+    """Redness averaged over the pixels outside the prompt's rendered object mask."""
+    return lambda images, prompts: _region_redness(images, prompts, on_object=False)
 
 
 def _jpeg_kilobytes(images: torch.Tensor) -> torch.Tensor:

@@ -199,10 +199,10 @@ class Trainer:
         return rewards
 
     def _load_psm(self):
-        from .psm import PerceptualStructuringModule
+        """The map source of psm.map_source (vipo.psm.sources)."""
+        from .psm.sources import load_map_source
 
-        p = self.cfg.psm
-        path = p.backbone
+        path = self.cfg.psm.backbone
         if path == "toy":
             from .toy.models import asset
 
@@ -213,9 +213,7 @@ class Trainer:
             with self.accelerator.main_process_first():
                 path = str(tiny.ensure_backbone())
         with faults.loading("the PSM backbone (psm.backbone)", path):
-            return PerceptualStructuringModule.from_pretrained(
-                path, device=self.accelerator.device, n_components=p.n_components,
-                aggregation=p.aggregation, sigma=p.psm_sigma)
+            return load_map_source(self.cfg.psm, path, self.accelerator.device, self.prompts)
 
     # ------------------------------------------------------------------ sample
     def sample(self, it: int):
@@ -263,7 +261,7 @@ class Trainer:
     # ------------------------------------------------------------------ advantages
     def advantages(self, roll, rewards):
         """(advantages of this process's samples, every process's rewards, loss maps,
-        min-max maps for the overlays). The maps are the PSM's min-max maps with
+        min-max maps for the overlays). The maps are psm.map_source's min-max maps with
         ``psm.map_norm`` applied here, its one place (docs/method.md, "Allocation maps")."""
         try:
             adv, every = global_advantages(self.accelerator, rewards, roll.groups.cpu(),
@@ -277,7 +275,7 @@ class Trainer:
             from .psm.maps import normalize_maps
 
             with self.timer("psm"), torch.no_grad():
-                raw = self.allocation_maps(roll.media)
+                raw = self.allocation_maps(roll.media, roll.prompts)
                 maps = normalize_maps(raw, tuple(range(1, raw.dim())), self.cfg.psm.map_norm,
                                       self.cfg.psm.map_floor)
         return adv, every, maps, raw
@@ -298,13 +296,9 @@ class Trainer:
                                 f"non-finite, so nothing is learned; check the reward",
                                 everywhere=True)
 
-    def allocation_maps(self, media: torch.Tensor) -> torch.Tensor:
-        """PSM maps (N, *S) on the latent grid of the loss, in [0, 1]."""
-        spatial = tuple(self.adapter.latent_shape()[1:])
-        if self.adapter.is_video:
-            return self.psm.video(media, latent_size=spatial, joint_pca=self.cfg.psm.joint_pca,
-                                  temporal_sigma=self.cfg.psm.temporal_sigma).float()
-        return self.psm(media, latent_size=spatial).float()
+    def allocation_maps(self, media: torch.Tensor, prompts: list) -> torch.Tensor:
+        """Maps (N, *S) of psm.map_source on the latent grid of the loss, in [0, 1]."""
+        return self.psm(media, prompts, self.adapter.latent_shape()[1:])
 
     # ------------------------------------------------------------------ optimize
     def optimize(self, roll, adv, maps) -> dict:

@@ -103,8 +103,13 @@ def _processor_stats(name_or_path: str, family: Family) -> tuple[tuple, tuple]:
 
 
 def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, device=None,
-                  image_size=None, image_mean=None, image_std=None) -> "Backbone":
-    """Loads a frozen backbone (eval, requires_grad False) in `dtype` on `device`."""
+                  image_size=None, image_mean=None, image_std=None,
+                  random_init: int | None = None) -> "Backbone":
+    """Loads a frozen backbone (eval, requires_grad False) in `dtype` on `device`.
+
+    random_init: instead of the checkpoint's weights, the same architecture with the
+    initial weights of that seed (the global RNG is left as it was); the preprocessing
+    still comes from the checkpoint. The control that shows what the training added."""
     name_or_path = str(name_or_path)
     config = _load_config(name_or_path)
     family = FAMILIES.get(config.model_type)
@@ -114,7 +119,12 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
     import transformers
     model_class = getattr(transformers, family.model_class)
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        if random_init is None:
+            model = model_class.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(random_init)
+                model = model_class(config).to(dtype)
     except OSError as error:
         raise BackboneLoadError(f"could not load the weights of {name_or_path!r}: {error}. "
                                 f"Pass a local path that holds them.") from error

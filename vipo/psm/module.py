@@ -53,7 +53,8 @@ class PerceptualStructuringModule:
     @classmethod
     def from_pretrained(cls, name_or_path, *, dtype: torch.dtype = torch.float32, device=None,
                         image_size=None, image_mean=None, image_std=None,
-                        chunk_size: int | None = None, **map_options):
+                        chunk_size: int | None = None, random_init: int | None = None,
+                        **map_options):
         """Loads a backbone (hub id or local folder) with transformers' from_pretrained.
 
         Supported model_types: dinov2, dinov2_with_registers, vit, clip(_vision_model),
@@ -61,12 +62,15 @@ class PerceptualStructuringModule:
         SigLIP and SAM checkpoints load their vision tower. Images run at native resolution
         unless image_size=(h, w) (or an int) is given; SAM always uses its fixed square input.
         image_mean / image_std override the checkpoint's processor statistics.
+        random_init: the same architecture with that seed's initial weights instead of the
+        checkpoint's (a control; see load_backbone).
         map_options: n_components, aggregation, sigma, normalize, floor, pca_solver.
         """
         from .backbones import load_backbone
         options = check_map_options(**map_options)     # fail fast, before loading weights
         backbone = load_backbone(name_or_path, dtype=dtype, device=device, image_size=image_size,
-                                 image_mean=image_mean, image_std=image_std)
+                                 image_mean=image_mean, image_std=image_std,
+                                 random_init=random_init)
         return cls(backbone, chunk_size=chunk_size, **options)
 
     def to(self, device) -> "PerceptualStructuringModule":

@@ -84,18 +84,10 @@ def _map_ious(module, images, masks, samples) -> dict:
 
 def _random_backbone_psm():
     """The backbone's architecture and preprocessing with its seed-0 initial weights."""
-    import tempfile
-
     from ..psm import PerceptualStructuringModule
-    from ..psm.backbones import IMAGENET_MEAN, IMAGENET_STD
 
-    from transformers import BitImageProcessor
-
-    with tempfile.TemporaryDirectory() as folder:
-        models.backbone_model(0).save_pretrained(folder)
-        BitImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-                          do_center_crop=False, do_resize=False).save_pretrained(folder)
-        return PerceptualStructuringModule.from_pretrained(folder)
+    return PerceptualStructuringModule.from_pretrained(str(models.asset("backbone")),
+                                                       random_init=0)
 
 
 TEST_BATCH = 48  # the fixed held-out batch the tests re-measure (evenly spread prompts)

@@ -18,6 +18,7 @@ then cover them (the PSM's IoU metric), and a small autoencoder keeps their shap
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -190,6 +191,17 @@ def render(spec: Spec, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _clamp(value: float, lo: float, hi: float) -> float:
     return min(max(value, lo), hi)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prompt_mask(text: str, size: int) -> torch.Tensor:
+    return render(parse_prompt(text), size)[1]
+
+
+def prompt_masks(prompts: list, size: int) -> torch.Tensor:
+    """(N, size, size) bool: the rendered object mask of each toy prompt's spec, i.e. where
+    the prompt says the object is (cached: the renderer is deterministic)."""
+    return torch.stack([_prompt_mask(p, size) for p in prompts])
 
 
 def render_batch(specs: list, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,94 @@
+"""One seeded training run of an experiment variant, saved as it finishes and skipped when
+done: ``<out>/runs/<experiment>/<variant>-seed<k>/result.json`` holds its evaluations (every
+``eval_every`` iterations) and its per-iteration training statistics. A finished run with
+at least the iterations asked for is reused, read up to them: nothing of the first n
+iterations depends on the total (constant learning rate, per-iteration random streams), so
+the clip sweep's 60 iterations can be read off the 100-iteration runs of its base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from .specs import ARMS, Experiment, Variant, experiment_config
+
+TRAIN_KEYS = ("reward_mean", "clip_frac_low", "clip_frac_high", "approx_kl", "map_mean",
+              "grad_norm")
+
+
+def run_name(variant: Variant, seed: int) -> str:
+    """The arm, then each override that changes the arm's value (iterations aside)."""
+    from ..config import Config
+
+    base = Config.from_name("toy")
+    base.update(ARMS[variant.arm])
+    parts = [variant.arm]
+    for key, value in sorted(variant.overrides.items()):
+        probe = Config.from_name("toy")
+        probe.update({**ARMS[variant.arm], key: value})
+        if key != "iterations" and probe.to_yaml() != base.to_yaml():
+            parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return "_".join(parts) + f"-seed{seed}"
+
+
+def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quick: bool,
+            extra: dict) -> dict:
+    """The run's result (trained now, or the saved one), read up to its iterations."""
+    overrides = {**experiment_config(experiment, variant, quick), **extra}
+    folder = out / "runs" / experiment.folder / run_name(variant, seed)
+    wanted = _iterations(overrides)
+    done = folder / "result.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved["iterations"] >= wanted:
+            return truncate(saved, wanted, variant, folder)
+    from ..config import Config
+    from ..distributed import reset_accelerate_state
+    from ..run_loop import RunLoop
+
+    shutil.rmtree(folder, ignore_errors=True)   # an interrupted run restarts from scratch
+    reset_accelerate_state()                    # each RunLoop builds its own Accelerator
+    cfg = Config.from_name("toy")
+    cfg.update({**overrides, "seed": seed, "output_dir": str(folder.parent),
+                "run_name": folder.name, "checkpoint_every": -1, "progress": False})
+    result = RunLoop(cfg.validate()).run()
+    saved = {"arm": variant.arm, "seed": seed, "iterations": cfg.train.iterations,
+             "commit": commit(),
+             "overrides": {k: v for k, v in overrides.items()},
+             "seconds": result["seconds"], "eval": result["eval"],
+             "history": [{k: row.get(k, math.nan) for k in TRAIN_KEYS}
+                         for row in result["history"]]}
+    done.write_text(json.dumps(saved, indent=1))
+    return truncate(saved, wanted, variant, folder)
+
+
+def commit() -> str:
+    """The code's git commit (``-dirty`` with local changes), or ``unknown``."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _iterations(overrides: dict) -> int:
+    from ..config import Config
+
+    cfg = Config.from_name("toy")
+    cfg.update(overrides)
+    return cfg.train.iterations
+
+
+def truncate(saved: dict, iterations: int, variant: Variant, folder: Path) -> dict:
+    """The result as a run of ``iterations`` iterations would have left it, with the
+    variant that asked for it and the run's folder."""
+    return {**saved, "label": variant.label, "variant_overrides": dict(variant.overrides),
+            "folder": str(folder), "iterations": iterations,
+            "eval": [row for row in saved["eval"] if row["iteration"] <= iterations],
+            "history": saved["history"][:iterations]}
