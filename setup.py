@@ -17,7 +17,7 @@ Environment knobs (after FlashAttention's setup.py):
                         without CUDA, or no nvcc); implies VIPO_REQUIRE_EXT=1
   MAX_JOBS=N            parallel compile jobs (read by cpp_extension)
   TORCH_CUDA_ARCH_LIST  CUDA architectures, default "8.0;9.0" (A100, H100/H200)
-Always install with ``--no-build-isolation`` (see ../shared/docs/ENV.md): an isolated
+Always install with ``--no-build-isolation`` (see docs/environment.md): an isolated
 build resolves its own torch, possibly a multi-GB CUDA wheel.
 """
 

@@ -4,7 +4,7 @@ Shape: 12 images (one Flux group, G = 12) of DINOv2-L features at 518 px, a 37x3
 D = 1024, mapped to a 64x64 latent grid (Flux at 512 px). The loop is the authors' release
 structure (fastvideo/train_vipo_flux.py, compute_dinov2_feature_map: one sklearn
 PCA(n_components=3).fit_transform per image on fp32 numpy features, scipy gaussian_filter,
-torch interpolate), with METHOD.md 6's sign rule and normalisation so both compute the same
+torch interpolate), with docs/method.md 6's sign rule and normalisation so both compute the same
 maps. Results are checked against each other and against a float64 exact PCA before timing.
 
     PYTHONPATH=. python -m pytest benchmarks/bench_psm.py --benchmark-only
@@ -35,7 +35,7 @@ def dinov2_like_features(seed=0):
 
 
 def sklearn_loop(features: np.ndarray, svd_solver="auto") -> np.ndarray:
-    """One image at a time, as the release does; steps follow METHOD.md 6."""
+    """One image at a time, as the release does; steps follow docs/method.md 6."""
     from scipy.ndimage import gaussian_filter
     from sklearn.decomposition import PCA
 

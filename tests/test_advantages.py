@@ -1,5 +1,5 @@
-"""Group advantages (METHOD.md 5), and the dense advantage A x M of every map_norm
-(METHOD.md 4 and 6) as the loss sees it."""
+"""Group advantages (docs/method.md 5), and the dense advantage A x M of every map_norm
+(docs/method.md 4 and 6) as the loss sees it."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_groups_need_two_samples():
 @pytest.mark.parametrize("map_norm", ["minmax", "mean_one", "floor"])
 def test_dense_advantage_of_each_map_norm(backend, map_norm):
     """The map from the PSM with map_norm applied, and the raw advantage, go to the loss as
-    they are; the loss's A x M is then clip(A, +-adv_clip) times METHOD.md 6's M: M,
+    they are; the loss's A x M is then clip(A, +-adv_clip) times docs/method.md 6's M: M,
     M / mean_p M or alpha + (1 - alpha) M, written out here from the min-max map. Checked
     against the reference fed that dense advantage directly (A = 1, map = A x M)."""
     from vipo_kernels import backends, vipo_loss

@@ -1,4 +1,4 @@
-"""Config: presets (METHOD.md 8), YAML files, key=value overrides, start-up validation."""
+"""Config: presets (docs/method.md 8), YAML files, key=value overrides, start-up validation."""
 
 from __future__ import annotations
 

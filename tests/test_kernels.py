@@ -208,7 +208,7 @@ def test_log_prob(backend, ratio_level, dtype):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_step_then_loss_is_on_policy(backend):
     """Rollout log-probs recomputed from the stored bf16 sample give ratio 1 exactly
-    enough that nothing clips at the default eps (METHOD.md 7's on-policy check)."""
+    enough that nothing clips at the default eps (docs/method.md 7's on-policy check)."""
     (v, z, noise), coefs = _step_inputs(IMAGE, torch.bfloat16)
     nxt, logp = sde_step(v, z, noise, **coefs, backend=backend)
     adv = torch.tensor([1.0, -1.0, 0.5])

@@ -1,4 +1,4 @@
-"""Feature -> map stage of the PSM (METHOD.md section 6) against an independent float64
+"""Feature -> map stage of the PSM (docs/method.md section 6) against an independent float64
 reference: scikit-learn PCA one image at a time, scipy's gaussian_filter, numpy elsewhere."""
 
 import subprocess
@@ -39,7 +39,7 @@ def _ref_resize(x, size):
 
 def reference_maps(features, grid, latent, k=3, aggregation="weighted", sigma=1.0):
     """features (F, N, D) float64 fitted as ONE PCA over all F*N rows (F=1 for an image).
-    Returns (F, H, W), min-max over the whole group, as METHOD.md 6 steps 1-10."""
+    Returns (F, H, W), min-max over the whole group, as docs/method.md 6 steps 1-10."""
     frames, n, d = features.shape
     h, w = grid
     rows = features.reshape(frames * n, d)

@@ -1,5 +1,5 @@
 """The reference itself: float64 gradcheck, the step formulas written out independently,
-and the equivalences METHOD.md states (Flow-GRPO's scalar loss, the map factoring out
+and the equivalences docs/method.md states (Flow-GRPO's scalar loss, the map factoring out
 at the sample level)."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_sample_level_without_map_is_flow_grpo(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sample_level_map_factors_out(backend):
-    """METHOD.md 3: with ratio_level='sample' the map only scales by its mean."""
+    """docs/method.md 3: with ratio_level='sample' the map only scales by its mean."""
     case = make_loss_case((4, 3, 5, 6), ratio_level="sample")
     with_map, _ = vipo_loss(*case.args(), **case.kwargs, backend=backend)
     case_args = list(case.args())

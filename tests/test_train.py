@@ -110,7 +110,7 @@ def test_diffusers_schedule_matches_flow_match_scheduler():
     sched.set_timesteps(10)
     ours = sigma_schedule(10, 3.0, "diffusers")
     torch.testing.assert_close(ours, sched.sigmas.float(), atol=1e-6, rtol=0)
-    assert abs(float(ours[-2]) - 0.0089) < 1e-4  # METHOD.md 1's example
+    assert abs(float(ours[-2]) - 0.0089) < 1e-4  # docs/method.md 1's example
 
 
 def test_int_timestep_input_truncates_but_coefficients_do_not():
@@ -197,7 +197,7 @@ def test_lora_kl_ema(worlds, tmp_path):
     assert all(torch.equal(trained[n], loaded[n]) for n in trained)
 
 
-# ---- on-policy check (METHOD.md 7) ----------------------------------------------------------
+# ---- on-policy check (docs/method.md 7) ----------------------------------------------------------
 @pytest.mark.parametrize("ratio_level", ["position", "sample"])
 def test_recompute_reproduces_rollout_log_probs(worlds, tmp_path, ratio_level):
     """Before any optimiser step, recomputing every stored step in the training layout
@@ -345,7 +345,7 @@ def test_vipo_mean_one_maps_sum_rewards_batch_std(worlds, tmp_path):
 def test_trainer_passes_maps_and_advantages_unchanged(worlds, tmp_path, monkeypatch, map_norm):
     """One vipo_loss call per trained step, with the (B, K) advantages as group_advantages
     made them (unclipped: the loss clips to adv_clip), the reward weights, the map as
-    map_norm made it (METHOD.md 6), and the configured adv_clip; and the per-reward losses
+    map_norm made it (docs/method.md 6), and the configured adv_clip; and the per-reward losses
     are logged."""
     import vipo_kernels
 

@@ -1,4 +1,4 @@
-"""Group advantages (METHOD.md 5). (map_norm, METHOD.md 6, is ``vipo.psm.maps.normalize_maps``.)
+"""Group advantages (docs/method.md 5). (map_norm, docs/method.md 6, is ``vipo.psm.maps.normalize_maps``.)
 
 A_i = (r_i - mean_g) / (std_g + eps_std), std unbiased (divisor G - 1). A group whose
 rewards are all equal gets A = 0 and is counted; a non-finite reward raises naming the
@@ -49,7 +49,7 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, weights: list,
         if r.shape[0] < 2:
             raise ValueError(f"group {int(g)} has {r.shape[0]} sample; advantages need >= 2")
         std = r.std(dim=0, unbiased=True) if batch_std is None else batch_std.double()
-        # A reward that is equal across the group gives A = 0 whatever the std (METHOD.md 5);
+        # A reward that is equal across the group gives A = 0 whatever the std (docs/method.md 5);
         # exact comparison, since a float std of equal values may be a rounding residue.
         constant = (r == r[:1]).all(dim=0)  # (K,)
         zero_std += int(constant.any())

@@ -5,7 +5,7 @@ Every field carries its help text in ``metadata["help"]`` (units, choices, inter
 override may name a field alone (``lr=1e-5``) or with its section (``train.lr=1e-5``).
 ``validate()`` runs before any model is loaded and names the offending field.
 
-Preset values follow ../shared/docs/METHOD.md section 8 (``flux_vipo``, ``wan_vipo``,
+Preset values follow docs/method.md section 8 (``flux_vipo``, ``wan_vipo``,
 ``sd35_flowgrpo``); ``tiny`` is the embedded CPU default.
 """
 
@@ -90,7 +90,8 @@ class ModelConfig:
                                   "encoder's; qwenimage and zimage keep up to this many)",
                                   bounds="[1, inf)")
     precision: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU; fp32; bf16 (GPU "
-                        "only: bf16 on CPU is ~25x slower, ENV.md)", ("auto", "fp32", "bf16"))
+                        "only: bf16 on CPU is ~25x slower, docs/environment.md)",
+                        ("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward")
     trust_remote_code: bool = _f(False, "let from_pretrained run Python code shipped with a "
                                  "hub model (off: only safetensors/config files are used)")
@@ -102,7 +103,7 @@ class SampleConfig:
                         bounds="[2, inf)")
     sigma_schedule: str = _f("dance", "dance: s_k = 1 - k/T_s, shifted (DanceGRPO/ViPO); "
                              "diffusers: FlowMatchEulerDiscreteScheduler's levels (Flow-GRPO), "
-                             "METHOD.md 1; pipeline: the levels the model's own diffusers "
+                             "docs/method.md 1; pipeline: the levels the model's own diffusers "
                              "pipeline steps through at this size and T_s (its scheduler, "
                              "dynamic shift included; qwenimage, flux2, zimage, wan22)",
                              ("dance", "diffusers", "pipeline"))
@@ -111,7 +112,7 @@ class SampleConfig:
     timestep_input: str = _f("int", "model timestep 1000*sigma: int truncates it (DanceGRPO/ViPO),"
                              " float passes it as is (Flow-GRPO); step maths always uses the "
                              "untruncated sigma", ("int", "float"))
-    sde: str = _f("dance", "SDE noise form: dance (eta) or flow (noise_level a), METHOD.md 1",
+    sde: str = _f("dance", "SDE noise form: dance (eta) or flow (noise_level a), docs/method.md 1",
                   ("dance", "flow"))
     eta: float = _f(0.3, "DanceGRPO noise scale eta (sde=dance)", bounds="(0, inf)")
     noise_level: float = _f(0.7, "Flow-GRPO noise level a (sde=flow)", bounds="(0, inf)")
@@ -135,7 +136,7 @@ class RewardConfig:
                       "hpsv2, imagereward) or module:function factories")
     reward_weights: list = _f([], "one weight per reward (> 0); empty means all 1")
     multi_reward: str = _f("per_reward", "per_reward: one advantage and loss term per reward "
-                           "(METHOD.md 5); sum_rewards: weighted sum, then one advantage",
+                           "(docs/method.md 5); sum_rewards: weighted sum, then one advantage",
                            ("per_reward", "sum_rewards"))
     eps_std: float = _f(1e-8, "added to the reward std in the advantage (Flow-GRPO: 1e-4)",
                         bounds="(0, inf)")
@@ -163,18 +164,18 @@ class PSMConfig:
     backbone: str = _f("facebook/dinov2-large", "PSM vision backbone folder or hub id; 'toy' "
                        "is the shipped Dinov2Model trained on the toy world (vipo/toy); 'tiny' "
                        "builds the embedded random Dinov2Model (vipo/tiny.py)")
-    n_components: int = _f(3, "K: PCA components of the allocation map (METHOD.md 6)",
+    n_components: int = _f(3, "K: PCA components of the allocation map (docs/method.md 6)",
                            bounds="[1, inf)")
     aggregation: str = _f("weighted", "weighted (by explained variance), average, first_pc",
                           ("weighted", "average", "first_pc"))
     psm_sigma: float = _f(1.0, "Gaussian smoothing of the patch map, in patches (0 = off)",
                           bounds="[0, inf)")
     temporal_sigma: float = _f(0.3, "video: Gaussian smoothing of the map along latent time, "
-                               "in latent frames (METHOD.md 6)", bounds="[0, inf)")
+                               "in latent frames (docs/method.md 6)", bounds="[0, inf)")
     joint_pca: bool = _f(False, "video: one PCA basis over all frames of a clip (beyond the "
                          "paper; stops per-frame flicker)")
     map_norm: str = _f("minmax", "minmax (paper); mean_one: M/mean(M); floor: alpha + (1 - "
-                       "alpha) M (METHOD.md 6)", ("minmax", "mean_one", "floor"))
+                       "alpha) M (docs/method.md 6)", ("minmax", "mean_one", "floor"))
     map_floor: float = _f(0.0, "alpha of map_norm=floor, in [0, 1]", bounds="[0, 1]")
     map_source: str = _f("psm", "where the map comes from (docs/method.md): psm (the "
                          "backbone's, the paper); uniform (ones); oracle (the prompt's rendered "
@@ -188,12 +189,12 @@ class TrainConfig:
     algorithm: str = _f("vipo", "vipo: advantage x PSM map; grpo: plain GRPO (map = 1)",
                         ("vipo", "grpo"))
     ratio_level: str = _f("position", "likelihood ratio per latent position (ViPO) or per "
-                          "sample (Flow-GRPO/DanceGRPO), METHOD.md 3", ("position", "sample"))
-    clip_range: float = _f(1e-4, "PPO epsilon; see METHOD.md 11.2 for the position level",
+                          "sample (Flow-GRPO/DanceGRPO), docs/method.md 3", ("position", "sample"))
+    clip_range: float = _f(1e-4, "PPO epsilon; see docs/method.md 11.2 for the position level",
                            bounds="(0, inf)")
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]", bounds="(0, inf)")
-    kl_coef: float = _f(0.0, "weight of the exact Gaussian KL to the initial model (METHOD.md 4"
-                        "); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here",
+    kl_coef: float = _f(0.0, "weight of the exact Gaussian KL to the initial model "
+                        "(docs/method.md 4); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here",
                         bounds="[0, inf)")
     timestep_fraction: float = _f(0.6, "share of the T_s - 1 trainable steps trained per sample",
                                   bounds="(0, 1]")
@@ -235,7 +236,8 @@ class TrainConfig:
                             "(a no-grad forward in the training layout, so the first step's "
                             "ratios are exactly 1 even where bf16 matmuls are not "
                             "batch-invariant; one extra forward per trained step), auto "
-                            "(recompute in bf16, rollout in fp32)", ("auto", "rollout", "recompute"))
+                            "(recompute in bf16, rollout in fp32)",
+                            ("auto", "rollout", "recompute"))
     onpolicy_check: str = _f("stop", "at the first iteration every ratio must start within "
                              "clip_range/10 of 1: stop (one line naming the fix) or warn; off",
                              ("stop", "warn", "off"))
@@ -372,7 +374,7 @@ class Config:
 
     @property
     def train_steps_per_sample(self) -> int:
-        """|S_i|: trained SDE steps per sample (METHOD.md 7)."""
+        """|S_i|: trained SDE steps per sample (docs/method.md 7)."""
         n_trainable = self.sample.num_steps - 1
         if self.train.timestep_order == "first":
             return min(n_trainable, int(self.sample.num_steps * self.train.timestep_fraction))
@@ -594,13 +596,13 @@ def write_preset_yamls(folder) -> list:
 # ---- presets --------------------------------------------------------------------------------
 DEFAULT_PRESET = "toy"
 PRESETS: dict[str, dict] = {
-    # The main job: ViPO with the redness reward (METHOD.md 10) on the shipped pretrained
+    # The main job: ViPO with the redness reward (docs/method.md 10) on the shipped pretrained
     # toy generator, with the toy DINOv2 as PSM backbone and the toy evaluator judging
     # held-out prompts out of domain (docs/toy_world.md). Departures from the paper's recipe,
     # each measured on 2 CPU cores: eta 0.7 (paper 0.3) so that a group's 8-step samples
     # differ (the preset's sampler still scores 100% fidelity on held-out prompts, see the
     # generator card); clip_range 0.2 (paper 1e-4: position-level ratios clip almost
-    # everywhere there, METHOD.md 11.2; at 0.2 about 1% of positions clip); lr 1e-4 on the
+    # everywhere there, docs/method.md 11.2; at 0.2 about 1% of positions clip); lr 1e-4 on the
     # 2.3M-parameter transformer, so that redness moves within tens of iterations.
     "toy": {
         "model": {"arch": "sd3", "path": "toy", "height": 32, "width": 32,
@@ -619,7 +621,7 @@ PRESETS: dict[str, dict] = {
     # Embedded CPU default: tiny random SD3-architecture world, redness reward, tiny DINOv2.
     # Departures from the paper's recipe, chosen by measurement on the development machine
     # (2 CPU cores) so that the reward visibly moves within minutes: clip_range 0.5 (the
-    # position-level ratios of a random model clip almost everywhere at 1e-4, METHOD.md 11.2),
+    # position-level ratios of a random model clip almost everywhere at 1e-4, docs/method.md 11.2),
     # lr 3e-3 on an 80k-parameter model, eta 0.7, every trainable step trained, one thread.
     "tiny": {
         "model": {"arch": "sd3", "path": "tiny", "height": 64, "width": 64,
@@ -634,7 +636,7 @@ PRESETS: dict[str, dict] = {
         "eval": {"eval_every": 0, "eval_samples": 8},
         "run": {"image_every": 50, "cpu_threads": 1},
     },
-    # METHOD.md 8, column flux_vipo (ViPO's Flux script): FLUX.1-dev, HPSv2.1, DINOv2-L.
+    # docs/method.md 8, column flux_vipo (ViPO's Flux script): FLUX.1-dev, HPSv2.1, DINOv2-L.
     "flux_vipo": {
         "model": {"arch": "flux", "path": "black-forest-labs/FLUX.1-dev", "height": 512,
                   "width": 512, "guidance_scale": 3.5, "max_sequence_length": 512,
@@ -653,7 +655,7 @@ PRESETS: dict[str, dict] = {
                                                                         "imagereward"]},
         "run": {"image_every": 10, "checkpoint_every": 50},
     },
-    # METHOD.md 8, column wan_vipo (ViPO's Wan script); the paper trains the 14B model.
+    # docs/method.md 8, column wan_vipo (ViPO's Wan script); the paper trains the 14B model.
     "wan_vipo": {
         "model": {"arch": "wan", "path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "height": 240,
                   "width": 416, "num_frames": 53, "guidance_scale": 5.0,
@@ -672,7 +674,7 @@ PRESETS: dict[str, dict] = {
                   "max_grad_norm": 1.0, "iterations": 10000, "fsdp": True},
         "run": {"image_every": 10, "checkpoint_every": 100},
     },
-    # METHOD.md 8, column sd35_flowgrpo (Flow-GRPO config/grpo.py): the GRPO baseline.
+    # docs/method.md 8, column sd35_flowgrpo (Flow-GRPO config/grpo.py): the GRPO baseline.
     # 6 prompts x 24 samples per process on 8 processes gives Flow-GRPO's 48 groups per
     # epoch; grad_accum = half of a process's 144 samples gives 2 optimiser steps per epoch.
     "sd35_flowgrpo": {
@@ -686,7 +688,7 @@ PRESETS: dict[str, dict] = {
         "reward": {"reward": ["pickscore"], "eps_std": 1e-4, "std_scope": "batch"},
         "train": {"algorithm": "grpo", "ratio_level": "sample", "clip_range": 1e-4,
                   "adv_clip": 5.0, "timestep_fraction": 0.99,
-                  # Flow-GRPO's PickScore kl_coef 0.01 times |delta| / C (METHOD.md 4) with
+                  # Flow-GRPO's PickScore kl_coef 0.01 times |delta| / C (docs/method.md 4) with
                   # the mean trained |delta| ~ 0.11 over 10 steps and C = 16.
                   "kl_coef": 7e-5,
                   "timestep_order": "first", "lr": 3e-4, "lora_rank": 32, "lora_alpha": 64,

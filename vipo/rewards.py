@@ -5,7 +5,7 @@ and ``fn(images, prompts) -> (B,) tensor`` scores images of shape (B, 3, H, W) i
 Videos (B, F, 3, H, W) are scored frame by frame and aggregated (``score_media``) unless
 the function sets ``fn.accepts_video = True`` and takes the clip itself.
 
-Rule rewards need no model (METHOD.md 10); model rewards load through ``transformers``
+Rule rewards need no model (docs/method.md 10); model rewards load through ``transformers``
 from a local folder or a hub id; HPSv2.1 and ImageReward are optional extras.
 """
 
@@ -107,7 +107,7 @@ def _as_scores(scores, batch: int, name: str) -> torch.Tensor:
     return scores
 
 
-# ---- rule rewards (METHOD.md 10) ------------------------------------------------------------
+# ---- rule rewards (docs/method.md 10) ------------------------------------------------------------
 def _pixel_redness(images: torch.Tensor) -> torch.Tensor:
     """(B, H, W) R - (G + B)/2 of (B, 3, H, W) images."""
     r, g, b = images.float().unbind(dim=1)

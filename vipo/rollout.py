@@ -1,4 +1,4 @@
-"""Rollouts: the shifted sigma schedule and G-sample SDE trajectories (METHOD.md 1, 2, 7).
+"""Rollouts: the shifted sigma schedule and G-sample SDE trajectories (docs/method.md 1, 2, 7).
 
 The step itself is ``vipo_kernels.sde_step`` (fp32 maths, log-prob of the stored z_{k+1});
 this module owns the schedule, the noise, the group layout and what is stored for the
@@ -22,7 +22,7 @@ def shifted(s: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def sigma_schedule(num_steps: int, shift: float, kind: str = "dance") -> torch.Tensor:
-    """(T_s + 1,) float32 noise levels from 1 down to 0 (METHOD.md 1).
+    """(T_s + 1,) float32 noise levels from 1 down to 0 (docs/method.md 1).
 
     ``dance``: s_k = 1 - k/T_s for k = 0..T_s (DanceGRPO / ViPO scripts).
     ``diffusers``: FlowMatchEulerDiscreteScheduler's levels (Flow-GRPO): s_k runs linearly
@@ -56,7 +56,7 @@ class Schedule:
         sigmas = adapter.pipeline_sigmas(c.num_steps) if c.sigma_schedule == "pipeline" else \
             sigma_schedule(c.num_steps, c.shift, c.sigma_schedule)
         # DanceGRPO/ViPO truncate int(1000*sigma) of the fp32 sigma; the step coefficients
-        # always use the untruncated sigma (METHOD.md 1).
+        # always use the untruncated sigma (docs/method.md 1).
         timesteps = 1000.0 * sigmas[:-1]
         if c.timestep_input == "int":
             timesteps = torch.trunc(timesteps)

@@ -25,7 +25,7 @@ SDE_KINDS = ("dance", "flow")
 
 
 def sde_coefficients(sigma, sigma_next, *, kind="dance", eta=0.3, noise_level=0.7):
-    """Step coefficients of METHOD.md section 1: ``mu = coef_sample * z + coef_output * v``.
+    """Step coefficients of docs/method.md section 1: ``mu = coef_sample * z + coef_output * v``.
 
     Args:
         sigma, sigma_next: (B,) tensors or floats with 0 <= sigma_next < sigma <= 1.
@@ -100,7 +100,7 @@ def sde_step(model_output, sample, noise, *, coef_sample, coef_output, std, back
 
 def log_prob(model_output, sample, next_sample, *, coef_sample, coef_output, std,
              ratio_level="position", backend="auto"):
-    """Log-density of ``next_sample`` under N(mu, std^2), METHOD.md section 2.
+    """Log-density of ``next_sample`` under N(mu, std^2), docs/method.md section 2.
 
     Returns (B, *S) float32 summed over channels for ``ratio_level="position"``, or (B,)
     the mean over all C*|P| elements for ``"sample"``. Only ``backend="torch"`` is
@@ -139,7 +139,7 @@ def _grad_buffer(v: torch.Tensor, v3: torch.Tensor, inplace: bool) -> torch.Tens
 
 def _sample_level(impl, v3, z3, x3, old, adv, weights, amap, cs, co, sd, ref3, grad, *,
                   clip_range, adv_clip, kl_coef):
-    """The sample-level loss: one ratio per sample from the mean log-density (METHOD.md 3).
+    """The sample-level loss: one ratio per sample from the mean log-density (docs/method.md 3).
     Its surrogate and statistics are the reference's own helpers on (B,) ratios, their
     gradient dL/d(log ratio) autograd's; then one kernel pass writes dlogp * dl/dv. Two
     passes, because every gradient element depends on its sample's whole mean."""
@@ -149,7 +149,7 @@ def _sample_level(impl, v3, z3, x3, old, adv, weights, amap, cs, co, sd, ref3, g
     with torch.enable_grad():
         log_ratio = (_sample_mean_log_prob(logp, channels) - old.to(torch.float64))
         log_ratio.requires_grad_(True)  # (B,)
-        # M >= 0 factors out of the max (METHOD.md 3): the map enters through its mean.
+        # M >= 0 factors out of the max (docs/method.md 3): the map enters through its mean.
         allocation = (amap.to(torch.float64).mean(dim=1) if amap is not None
                       else torch.ones_like(log_ratio))
         per_reward = reference.per_reward_clip_losses(
@@ -174,16 +174,16 @@ def vipo_loss(model_output, sample, next_sample, old_log_prob, advantages, alloc
               *, coef_sample, coef_output, std, reward_weights=None, clip_range=1e-4,
               adv_clip=5.0, ratio_level="position", kl_coef=0.0, ref_model_output=None,
               backend="auto", inplace_backward=False):
-    """ViPO / GRPO PPO-clipped loss with a per-position likelihood ratio (METHOD.md 1-5).
+    """ViPO / GRPO PPO-clipped loss with a per-position likelihood ratio (docs/method.md 1-5).
 
     Args:
         model_output: (B, C, *S) predicted velocity v; the only input that gets a gradient.
         sample, next_sample: (B, C, *S) latents z_k and z_{k+1} of the rollout.
         old_log_prob: (B, *S) for ``ratio_level="position"``, (B,) for ``"sample"``, as
             returned by ``sde_step`` / ``log_prob`` at rollout time.
-        advantages: (B,) group advantages, or (B, K) for K rewards (METHOD.md 5,
+        advantages: (B,) group advantages, or (B, K) for K rewards (docs/method.md 5,
             ``per_reward``), each clipped here to [-adv_clip, adv_clip].
-        allocation_map: (B, *S), finite and >= 0 (any ``map_norm`` of METHOD.md 6), or
+        allocation_map: (B, *S), finite and >= 0 (any ``map_norm`` of docs/method.md 6), or
             None for plain GRPO (M = 1).
         coef_sample, coef_output, std: (B,) tensors or floats from ``sde_coefficients``.
         reward_weights: w (K,): a tensor or K floats, default ones. The loss is

@@ -10,7 +10,7 @@ With M the allocation map (1 without one), rho the position ratio and eps the cl
 - ``surrogate_upper`` = sum_p M(p) min(rho, 1 + eps) and ``surrogate_lower`` =
   sum_p M(p) max(rho, 1 - eps). Because M >= 0, max(-A M rho, -A M clip(rho)) is
   -A M min(rho, 1 + eps) for A > 0 and -A M max(rho, 1 - eps) for A < 0, so these two
-  sums give every reward's surrogate, whatever the number of rewards (METHOD.md 4-5).
+  sums give every reward's surrogate, whatever the number of rewards (docs/method.md 4-5).
 - ``kl`` = sum_p sum_c (mu - mu_ref)^2 / (2 std^2), 0 without a reference.
 - ``n_low``, ``n_high``: positions with rho < 1 - eps, rho > 1 + eps.
 - ``log_ratio_sq``, ``ratio_sum``, ``ratio_min``, ``ratio_max``: sum log(rho)^2, sum rho,

@@ -1,11 +1,11 @@
 """Executable spec of every op in ``vipo_kernels``: plain PyTorch, float64-capable.
 
 This module is the test oracle, the benchmark baseline and the ``backend="torch"``
-path. It follows ../shared/docs/METHOD.md sections 1 to 4 line by line and is kept
+path. It follows docs/method.md sections 1 to 4 line by line and is kept
 deliberately naive: autograd computes its gradient, nothing is fused.
 
 Arithmetic runs in float64 when any input is float64 and in float32 otherwise
-(METHOD.md section 1: all step arithmetic is fp32; flow_grpo upcasts its log-prob
+(docs/method.md section 1: all step arithmetic is fp32; flow_grpo upcasts its log-prob
 for the same reason, since bf16 overflows there).
 """
 
@@ -45,7 +45,7 @@ def per_sample(x, batch: int, ndim: int, dtype: torch.dtype, device) -> torch.Te
 
 
 def sde_coefficients_reference(sigma, sigma_next, *, kind="dance", eta=0.3, noise_level=0.7):
-    """(coef_sample, coef_output, std) of one SDE step, METHOD.md section 1.
+    """(coef_sample, coef_output, std) of one SDE step, docs/method.md section 1.
 
     ``kind="dance"``: DanceGRPO form with noise scale ``eta``.
     ``kind="flow"``: Flow-GRPO form with noise level ``noise_level``; at sigma = 1
@@ -130,7 +130,7 @@ def per_reward_clip_losses(advantages, allocation, ratio, clip_range):
 
 
 def ratio_statistics(log_ratio, clip_range) -> dict:
-    """The ratio statistics of METHOD.md 4 over the ratios of the active level."""
+    """The ratio statistics of docs/method.md 4 over the ratios of the active level."""
     ratio = torch.exp(log_ratio)
     return {
         "clip_frac_low": (ratio < 1.0 - clip_range).to(log_ratio.dtype).mean(),
@@ -146,7 +146,7 @@ def vipo_loss_reference(model_output, sample, next_sample, old_log_prob, advanta
                         allocation_map=None, *, coef_sample, coef_output, std, clip_range=1e-4,
                         adv_clip=5.0, ratio_level="position", kl_coef=0.0,
                         ref_model_output=None, reward_weights=None):
-    """ViPO/GRPO clipped loss, METHOD.md sections 4-5. Returns (loss, stats).
+    """ViPO/GRPO clipped loss, docs/method.md sections 4-5. Returns (loss, stats).
 
     ``advantages`` (B,) or (B, K): L = sum_k w_k L_clip(A_k) + L_KL with ``reward_weights``
     w (K floats or a (K,) tensor, default ones): the ratio is shared, each reward has its

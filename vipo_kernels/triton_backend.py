@@ -141,7 +141,7 @@ def _vipo_loss_position_kernel(
     mean = cs * z + co * v
     diff = tl.where(mask, x - mean, 0.0)
 
-    # Log-ratio per position (METHOD.md 2-3). l(p) and old are O(C) while their difference
+    # Log-ratio per position (docs/method.md 2-3). l(p) and old are O(C) while their difference
     # is O(eps), so this per-position chain runs in fp64: in fp32 the rounding of the
     # constant alone shifts every ratio of a sample alike, by ~1e-5 at C = 64.
     old32 = tl.load(old_ptr + b * P + offs_p, mask=mask_p, other=0.0)
@@ -164,7 +164,7 @@ def _vipo_loss_position_kernel(
         dmean = co * (v - r)  # mu - mu_ref: the sample term cancels
         kl_pos = 0.5 * inv_var * tl.sum(dmean * dmean, axis=0)
     if WRITE_GRAD:
-        # PPO clip (METHOD.md 4-5): reward k's unclipped branch carries the gradient for
+        # PPO clip (docs/method.md 4-5): reward k's unclipped branch carries the gradient for
         # rho <= 1 + eps if A_k > 0 and for rho >= 1 - eps if A_k < 0, so dL/dl(p) =
         # -M rho (sum of w A over the active rewards) / (B|P|); dl(p)/dv = co (x - mu) / std^2.
         coef = tl.where(ratio <= hi, a_pos, 0.0) + tl.where(ratio >= lo, a_neg, 0.0)

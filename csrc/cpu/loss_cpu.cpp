@@ -1,4 +1,4 @@
-// CPU fused ViPO loss, forward and backward in one pass (METHOD.md sections 4-5), and the
+// CPU fused ViPO loss, forward and backward in one pass (docs/method.md sections 4-5), and the
 // reduction of its partials; the layout is in vipo_cpu.h, the partials' columns in
 // ../partials.h. Mirrors _vipo_loss_position_kernel and _vipo_grad_sample_kernel in
 // vipo_kernels/triton_backend.py and reduce_partials in vipo_kernels/partials.py.
@@ -108,7 +108,7 @@ void residual_sweep(const LossTask& t, const Latent& v, const Latent& z, const L
   }
 }
 
-// Per position, after sweep 1: the log-ratio (METHOD.md 2-3: old holds the full log-density,
+// Per position, after sweep 1: the log-ratio (docs/method.md 2-3: old holds the full log-density,
 // constants included), the ratio, every reward's clip, dL/dl(p) into rows.dlogp(), and the
 // block's row of partials into out. kHasMap false: M = 1. A template, and its values locals,
 // so that the reduction loop vectorises.

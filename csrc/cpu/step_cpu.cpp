@@ -1,4 +1,4 @@
-// CPU SDE step and log-prob (METHOD.md sections 1-2); see vipo_cpu.h for the layout.
+// CPU SDE step and log-prob (docs/method.md sections 1-2); see vipo_cpu.h for the layout.
 #include <algorithm>
 
 #include "common.h"

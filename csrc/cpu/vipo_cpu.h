@@ -1,4 +1,4 @@
-// CPU kernels of the SDE step, the log-prob and the fused ViPO loss (METHOD.md sections 1-4).
+// CPU kernels of the SDE step, the log-prob and the fused ViPO loss (docs/method.md sections 1-4).
 //
 // llm.c style: plain loops over raw pointers with an OpenMP pragma, no torch headers; the
 // torch binding (csrc/ops_cpu.cpp) checks arguments and allocates. Every latent is seen as

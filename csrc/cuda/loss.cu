@@ -1,4 +1,4 @@
-// CUDA fused ViPO loss, forward and backward in one launch (METHOD.md sections 4-5), and the
+// CUDA fused ViPO loss, forward and backward in one launch (docs/method.md sections 4-5), and the
 // upstream-gradient scaling of backward; host API in vipo_cuda.h. Mirrors
 // _vipo_loss_position_kernel / _vipo_grad_sample_kernel of vipo_kernels/triton_backend.py
 // and csrc/cpu/loss_cpu.cpp.

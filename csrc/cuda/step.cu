@@ -1,4 +1,4 @@
-// CUDA SDE step and log-prob (METHOD.md sections 1-2); host API in vipo_cuda.h. Mirrors
+// CUDA SDE step and log-prob (docs/method.md sections 1-2); host API in vipo_cuda.h. Mirrors
 // _gaussian_step_kernel of vipo_kernels/triton_backend.py and csrc/cpu/step_cpu.cpp.
 #include "common.cuh"
 

@@ -100,7 +100,7 @@ class Adapter(abc.ABC):
         return 2 * (self.cfg.height // (factor * 2)), 2 * (self.cfg.width // (factor * 2))
 
     def velocity(self, model, latents, timesteps, cond: dict) -> torch.Tensor:
-        """Guided velocity (METHOD.md 7). With CFG the two branches are combined by
+        """Guided velocity (docs/method.md 7). With CFG the two branches are combined by
         ``guide`` (v = v_u + w (v_c - v_u) by default) and the unconditional one runs
         without grad, so the conditional output gets dv/dv_c dL/dv. Rollout and recompute
         both call this, so their paths are identical."""

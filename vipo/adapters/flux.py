@@ -4,7 +4,7 @@ Follows diffusers' FluxPipeline.__call__ (v0.42.1): packs (B, C, H, W) latents t
 (B, HW/4, 4C) tokens with ``FluxPipeline._pack_latents``, passes timestep = sigma (the
 pipeline's ``t / 1000``) and, for guidance-distilled checkpoints (FLUX.1-dev), the guidance
 scale as a model input. Changed: the output is unpacked back to (B, C, H, W) with
-``_unpack_latents`` so the loss sees per-position latents (METHOD.md 2); no true CFG.
+``_unpack_latents`` so the loss sees per-position latents (docs/method.md 2); no true CFG.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Follows diffusers' WanPipeline.__call__ (v0.42.1): timestep = 1000*sigma per sam
 true CFG with the negative prompt; latents de-normalised with the VAE's per-channel
 latents_mean / latents_std before decoding; the VAE is kept in fp32, as the diffusers Wan
 examples load it. Changed: the two CFG branches run as separate passes and the
-unconditional one without grad (METHOD.md 7); frames come back as (B, F, 3, H, W).
+unconditional one without grad (docs/method.md 7); frames come back as (B, F, 3, H, W).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Perceptual Structuring Module (METHOD.md section 6): per-pixel allocation maps for ViPO.
+"""Perceptual Structuring Module (docs/method.md section 6): per-pixel allocation maps for ViPO.
 
     from vipo.psm import allocation_maps_from_features, PerceptualStructuringModule, overlay
 

@@ -1,4 +1,4 @@
-"""Feature -> allocation-map stage of the Perceptual Structuring Module (METHOD.md section 6).
+"""Feature -> allocation-map stage of the Perceptual Structuring Module (docs/method.md section 6).
 
 Everything here is batched over images in torch, fp32, on the features' device: no per-image
 Python loop, no scikit-learn. Shapes: B images, N = h*w patches, D feature channels, K
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 AGGREGATIONS = ("weighted", "average", "first_pc")
 NORMALIZATIONS = ("minmax", "mean_one", "floor")
 PCA_SOLVERS = ("auto", "eigh", "subspace")
-CONSTANT_SPAN = 1e-8  # METHOD.md 6: max - min <= 1e-8 counts as a constant map
+CONSTANT_SPAN = 1e-8  # docs/method.md 6: max - min <= 1e-8 counts as a constant map
 
 # Subspace iteration (pca_solver="subspace"): block size, residual tolerance (relative to the
 # largest eigenvalue) and iteration cap. Items still above the tolerance at the cap are
@@ -170,7 +170,7 @@ def orient(scores: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
     """Step 3: flip each component whose mean over the border patches is negative, so the
     background scores positive and the subject negative, whatever the solver's sign.
 
-    Tie-break (beyond METHOD.md): when the border mean is zero up to round-off, the sign is
+    Tie-break (beyond docs/method.md): when the border mean is zero up to round-off, the sign is
     set so that the largest-magnitude score is negative (the subject is the outlier). This
     always happens on grids with no interior (h <= 2 or w <= 2), where every patch is on the
     border and centred scores average to exactly zero. The rule is sign-invariant too."""
@@ -191,7 +191,7 @@ def _reverse_minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def minmax(x: torch.Tensor, dims) -> torch.Tensor:
-    """(x - min) / (max - min) over dims; a constant slice becomes all ones (METHOD.md 6:
+    """(x - min) / (max - min) over dims; a constant slice becomes all ones (docs/method.md 6:
     plain GRPO weighting, where the authors' normaliser silently zeroed the sample)."""
     lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
     span = hi - lo
@@ -241,7 +241,7 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def normalize_maps(maps: torch.Tensor, dims, normalize: str, floor) -> torch.Tensor:
-    """METHOD.md 6 map_norm, applied per sample to min-max maps."""
+    """docs/method.md 6 map_norm, applied per sample to min-max maps."""
     if normalize == "mean_one":
         return maps / maps.mean(dims, keepdim=True)       # mean > 0 because max == 1
     if normalize == "floor":
@@ -272,7 +272,7 @@ def allocation_maps_from_features(features: torch.Tensor, grid, latent_size, *,
                                   aggregation: str = "weighted", sigma: float = 1.0,
                                   normalize: str = "minmax", floor: float | None = None,
                                   pca_solver: str = "auto") -> torch.Tensor:
-    """Allocation maps M from patch features (METHOD.md section 6, steps 1-10 + map_norm).
+    """Allocation maps M from patch features (docs/method.md section 6, steps 1-10 + map_norm).
 
     Args:
         features: (B, N, D) patch features, any float dtype; N = h*w in row-major grid order.
@@ -307,7 +307,7 @@ def _check_components(n_components: int, n: int, d: int) -> None:
 def video_maps_from_features(features: torch.Tensor, grid, latent_size, *,
                              temporal_sigma: float = 0.3,
                              joint_pca: bool = False, **map_options) -> torch.Tensor:
-    """Video allocation maps (METHOD.md 6, Video) from per-frame patch features.
+    """Video allocation maps (docs/method.md 6, Video) from per-frame patch features.
 
     Args:
         features: (B, F, N, D) patch features of F decoded frames.

@@ -29,14 +29,14 @@ def _check_pixels(images, name: str, rank: int, layout: str) -> None:
 
 
 class PerceptualStructuringModule:
-    """Frozen backbone + batched PCA map stage (METHOD.md section 6).
+    """Frozen backbone + batched PCA map stage (docs/method.md section 6).
 
     maps = psm(images, latent_size=(H, W))            # (B, 3, h, w) in [0, 1] -> (B, H, W)
     maps = psm.video(frames, latent_size=(T, H, W))   # (B, F, 3, h, w) -> (B, T, H, W)
 
     A backbone that raises, or returns non-finite features for a sample, gives that sample an
     all-ones map (plain GRPO weighting; unchanged by every map_norm) and adds one to
-    `failures` per sample (METHOD.md 6).
+    `failures` per sample (docs/method.md 6).
     Input errors are not failures: they raise ValueError before the backbone runs.
     """
 
@@ -88,7 +88,7 @@ class PerceptualStructuringModule:
             outputs = [self.backbone(chunk) for chunk in chunks]
         except ValueError:
             raise                     # input errors (e.g. images smaller than a patch) propagate
-        except Exception as error:  # noqa: BLE001 - METHOD.md 6: a failure falls back to ones
+        except Exception as error:  # noqa: BLE001 - docs/method.md 6: a failure falls back to ones
             logger.warning("PSM backbone failed on %d images (%s: %s); using all-ones maps",
                            images.shape[0], type(error).__name__, error)
             return None, None
@@ -109,7 +109,7 @@ class PerceptualStructuringModule:
 
     def video(self, frames: torch.Tensor, latent_size, *, temporal_sigma: float = 0.3,
               joint_pca: bool = False) -> torch.Tensor:
-        """(B, F, 3, h, w) floats in [0, 1] -> (B, T, H, W) fp32 maps (METHOD.md 6, Video)."""
+        """(B, F, 3, h, w) floats in [0, 1] -> (B, T, H, W) fp32 maps (docs/method.md 6, Video)."""
         _check_pixels(frames, "frames", 5, "(B, F, 3, h, w)")
         latent_size = _int_tuple(latent_size, "latent_size", 3)
         batch, n_frames = frames.shape[:2]

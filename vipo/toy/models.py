@@ -87,8 +87,8 @@ def autoencoder():
 
 
 def transformer(seed: int = 0):
-    """SD3 architecture at TOY_NOTES.md's measured size (width 128, 4 layers): 8 x 8 tokens
-    of 2 x 2 latent patches; the text stream is the two CLIP encoders' 64 + 64 widths."""
+    """SD3 architecture at the size the feasibility run measured (docs/toy_world.md; width
+    128, 4 layers): 8 x 8 tokens of 2 x 2 latent patches; the text stream is the two CLIP encoders' 64 + 64 widths."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -103,7 +103,7 @@ def null_t5(tok):
     """A 1-layer T5 encoder whose final RMS-norm weight is zero, so it outputs exactly the
     zeros StableDiffusion3Pipeline substitutes for a missing T5. It is there so that a plain
     ``DiffusionPipeline.from_pretrained(folder)`` loads (a saved pipeline without T5 needs
-    ``text_encoder_3=None, tokenizer_3=None`` passed, TOY_NOTES.md); its d_model is the
+    ``text_encoder_3=None, tokenizer_3=None`` passed, docs/toy_world.md); its d_model is the
     joint attention width the CLIP embeddings are padded to."""
     from transformers import T5Config, T5EncoderModel
 

@@ -13,7 +13,8 @@ attribute value on its own is seen in training.
 
 Objects are large on purpose (about 17% and 28% of the image): a 30%-of-the-image map can
 then cover them (the PSM's IoU metric), and a small autoencoder keeps their shape
-(TOY_NOTES.md: objects 7-10 px across in 32 px blurred into blobs).
+(docs/toy_world.md, "Facts from the feasibility run": objects 7-10 px across in 32 px
+blurred into blobs).
 """
 
 from __future__ import annotations
