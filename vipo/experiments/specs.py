@@ -32,6 +32,8 @@ COMMON = {"image_every": 0, "cpu_threads": 1, "eval_rewards": EVAL_REWARDS}
 QUICK = {"iterations": 2, "eval_every": 0, "eval_samples": 4, "group_size": 4,
          "prompts_per_iter": 1, "sample_batch_size": 4}
 CLIP_VALUES = (1e-4, 1e-3, 1e-2, 0.2, 100.0)   # 100: the ratio never reaches the clip
+# Between 0.2 and no clip, for the arms the preset's choice is made from.
+MORE_CLIP_VALUES = (1e-4, 1e-3, 1e-2, 0.2, 0.5, 1.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,10 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("clip", "the object reward with the PPO clip range swept",
                "object_redness", "eval_object_redness", "eval_background_redness",
                gains=(0.2, 0.4), summary_gain=0.2, runs_under="object", iterations=60,
-               variants=_clip_variants(("uniform_position", "vipo", "oracle"), CLIP_VALUES)
-               + _clip_variants(("grpo",), (1e-4, 0.2)),
+               variants=_clip_variants(("uniform_position", "vipo"), MORE_CLIP_VALUES)
+               + _clip_variants(("oracle", "inverted", "random_backbone"), CLIP_VALUES)
+               + _clip_variants(("grpo",), CLIP_VALUES)
+               + _clip_variants(("vipo_sample",), (1e-4, 0.2)),
                quick_variants=_clip_variants(("uniform_position",), (0.2, 100.0))),
 )}
 
