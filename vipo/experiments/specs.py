@@ -34,6 +34,11 @@ QUICK = {"iterations": 2, "eval_every": 0, "eval_samples": 4, "group_size": 4,
 CLIP_VALUES = (1e-4, 1e-3, 1e-2, 0.2, 100.0)   # 100: the ratio never reaches the clip
 # Between 0.2 and no clip, for the arms the preset's choice is made from.
 MORE_CLIP_VALUES = (1e-4, 1e-3, 1e-2, 0.2, 0.5, 1.0, 100.0)
+# The sample level over the same values, plus the points that test the rule "a position
+# clip range equals C*|P| (8*256 = 2048 on the toy world) times a sample one": 1e-5 against
+# position 0.02 (RULE_CHECK), 5e-4 against position 1.
+SAMPLE_CLIP_VALUES = (1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.2, 100.0)
+RULE_CHECK = 0.02
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ EXPERIMENTS = {e.name: e for e in (
                gains=(0.2, 0.4), summary_gain=0.2, runs_under="object", iterations=60,
                variants=_clip_variants(("uniform_position", "vipo"), MORE_CLIP_VALUES)
                + _clip_variants(("oracle", "inverted", "random_backbone"), CLIP_VALUES)
-               + _clip_variants(("grpo",), CLIP_VALUES)
+               + _clip_variants(("grpo",), SAMPLE_CLIP_VALUES)
+               + _clip_variants(("uniform_position",), (RULE_CHECK,))
                + _clip_variants(("vipo_sample",), (1e-4, 0.2)),
                quick_variants=_clip_variants(("uniform_position",), (0.2, 100.0))),
 )}
