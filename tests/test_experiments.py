@@ -127,6 +127,9 @@ def test_every_experiment_quick_mode_writes_its_report(tmp_path):
         rows = (tmp_path / name / "results.csv").read_text().splitlines()
         assert len(rows) == 1 + 2 * len(EXPERIMENTS[name].quick_variants)  # evals at 0 and 2
     assert (tmp_path / "clip" / "sweep.png").is_file()
+    glance = (tmp_path / "clip" / "results.md").read_text()
+    assert "## The clip range at a glance" in glance
+    assert "| arm (level) | 0.2 | none |" in glance and "| uniform_position (position) |" in glance
     # Every map source ran in the object experiment, and the clip sweep's clip=0.2 variant
     # is the object experiment's run (the preset's clip range), not a new one.
     runs = tmp_path / "runs" / "object"
@@ -160,3 +163,40 @@ def test_a_run_read_up_to_n_iterations_is_the_run_of_n_iterations(tmp_path):
     assert shorter["eval"] == longer["eval"][:2] == reused["eval"]
     assert shorter["history"] == longer["history"][:1] == reused["history"]
     assert reused["seconds"] == longer["seconds"]  # read from the saved run, not trained
+
+
+def test_a_saved_run_is_reused_only_for_its_own_settings(tmp_path, capsys):
+    """Runs are found by name; a saved run whose config differs from the one asked for is
+    refused in one line naming the field, and the folder is left as it was."""
+    from vipo.experiments import compare
+
+    assert compare.main(["redness", "--quick", "--out", str(tmp_path),
+                         "--variants", "grpo"]) == 0
+    saved = tmp_path / "runs" / "redness" / "grpo-seed0" / "result.json"
+    before = saved.read_bytes()
+    capsys.readouterr()
+    assert compare.main(["redness", "--quick", "--out", str(tmp_path), "--variants", "grpo",
+                         "kl_coef=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress bar
+    assert err.startswith("compare: config error: ")
+    assert "grpo-seed0" in err and "train.kl_coef 0.0 (wanted 0.5)" in err
+    assert saved.read_bytes() == before
+
+
+def test_run_names_do_not_follow_the_preset(monkeypatch):
+    """The experiments fix their own clip range, so a change of the preset's neither renames
+    saved runs nor lets one clip range's run stand for another's."""
+    from vipo import config
+    from vipo.experiments.runner import run_name
+    from vipo.experiments.specs import EXPERIMENTS, Variant
+
+    clip = EXPERIMENTS["clip"]
+    at = {v.label: v for v in clip.variants}
+    names = [run_name(EXPERIMENTS["object"], Variant("vipo", "vipo"), 0),
+             run_name(clip, at["vipo clip=0.2"], 0), run_name(clip, at["vipo clip=1"], 0)]
+    assert names == ["vipo-seed0", "vipo-seed0", "vipo_clip_range=1-seed0"]
+    toy = {**config.PRESETS["toy"], "train": {**config.PRESETS["toy"]["train"],
+                                              "clip_range": 1.0}}
+    monkeypatch.setitem(config.PRESETS, "toy", toy)
+    assert [run_name(EXPERIMENTS["object"], Variant("vipo", "vipo"), 0),
+            run_name(clip, at["vipo clip=0.2"], 0), run_name(clip, at["vipo clip=1"], 0)] == names

@@ -7,8 +7,9 @@ Experiments (vipo/experiments/specs.py):
   background  the reward is the redness outside it
   redness     the reward is the redness of the whole image (the paper's Fig. 5)
   clip        the object reward with the PPO clip range swept (1e-4, 1e-3, 1e-2, 0.2,
-              none) for uniform_position, vipo and oracle, and GRPO at 1e-4 and 0.2;
-              60 iterations, its 0.2 runs are the object experiment's
+              none) for every arm with a position ratio (uniform_position and vipo also
+              at 0.5 and 1), GRPO from 1e-5 to none, the released form at 1e-4; 60
+              iterations, its 0.2 runs are the object experiment's
 
 Arms (each the `toy` preset plus config values; none is a code path of its own):
   grpo              algorithm=grpo ratio_level=sample            (DanceGRPO / Flow-GRPO)
@@ -29,6 +30,7 @@ sweep.png for the sweep) goes to ``<out>/<experiment>/``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .specs import EXPERIMENTS, experiment_config
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
                         help="seeds per variant (default 3; 1 with --quick)")
     parser.add_argument("--variants", default="",
                         help="comma-separated subset of the experiment's variant labels")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' own console output (loading bars, warnings)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run "
                         "(they change the run folders' contents, not their names: use a new "
                         "--out)")
@@ -88,8 +92,13 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from ..config import Config
+    from ..errors import ConfigError
+    from ..train import quiet_libraries
     from .report import write_report
     from .runner import run_one
+
+    if not args.verbose:
+        quiet_libraries()
 
     experiment = EXPERIMENTS[args.experiment]
     out = args.out or Path("runs") / ("compare-quick" if args.quick else "compare")
@@ -110,8 +119,12 @@ def main(argv=None) -> int:
     overrides = dict(o.split("=", 1) for o in args.overrides)
     results = []
     jobs = [(v, s) for s in range(seeds) for v in variants]
-    for variant, seed in tqdm(jobs, desc=experiment.name, unit="run"):
-        results.append(run_one(experiment, variant, seed, out, args.quick, overrides))
+    try:
+        for variant, seed in tqdm(jobs, desc=experiment.name, unit="run"):
+            results.append(run_one(experiment, variant, seed, out, args.quick, overrides))
+    except ConfigError as err:  # e.g. a saved run with other settings: one line, exit 2
+        print(f"compare: config error: {err}", file=sys.stderr)
+        return 2
     note = _note(experiment, results, seeds, args.quick, overrides)
     path = write_report(experiment, results, out / experiment.name, note)
     print(path.read_text())

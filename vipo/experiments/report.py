@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .specs import Experiment
+from .specs import ARMS, Experiment, clip_label
 
 SHORT = {"eval_redness": "redness", "eval_object_redness": "object redness",
          "eval_background_redness": "background redness", "eval_toy_fidelity": "fidelity",
@@ -161,6 +161,47 @@ def _g(values) -> str:
     return "–" if n == 0 else f"{m:.3g} ± {s:.2g}"
 
 
+def sweep_tables(experiment: Experiment, groups: dict, last: int) -> list[str]:
+    """For a sweep: one row per arm and one column per clip range, in three tables: the
+    iterations to the headline gain, structure IoU there, and the share of ratios clipped.
+    The slowdown read at a glance; the tables above hold every variant's detail."""
+    gain, target = experiment.headline_gain, experiment.target
+    table: dict = {}
+    for runs in groups.values():
+        clip = runs[0]["variant_overrides"].get("clip_range", math.nan)
+        table.setdefault(runs[0]["arm"], {})[clip] = runs
+    clips = sorted({c for row in table.values() for c in row})
+    heads = [clip_label(c) for c in clips]
+
+    def pivot(title: str, fill) -> list[str]:
+        out = [title, "", "| arm (level) | " + " | ".join(heads) + " |",
+               "|---|" + "---|" * len(heads)]
+        for arm, row in table.items():
+            level = ARMS[arm]["ratio_level"]
+            out.append(f"| {arm} ({level}) | " + " | ".join(
+                fill(row[c]) if c in row else "" for c in clips) + " |")
+        return out + [""]
+
+    def reached(runs):
+        return [r for r in runs if math.isfinite(at_gain(r, "iteration", target, gain))]
+
+    def iterations(runs):
+        hit = reached(runs)
+        text = cell([at_gain(r, "iteration", target, gain) for r in hit], 0)
+        return text if len(hit) == len(runs) else f"{text} ({len(hit)}/{len(runs)})"
+
+    return [*pivot(f"Iterations to {SHORT[target]} +{gain:g} (of {last}; seeds reaching it "
+                   "in brackets where not all did):", iterations),
+            *pivot(f"Structure IoU at {SHORT[target]} +{gain:g}:",
+                   lambda runs: cell([at_gain(r, "eval_structure_iou", target, gain)
+                                      for r in reached(runs)])),
+            *pivot(f"{SHORT[target].capitalize()} at iteration {last}:",
+                   lambda runs: cell([at_iteration(r, target, last) for r in runs])),
+            *pivot("Share of ratios clipped, mean over iterations:",
+                   lambda runs: _g([_run_mean(r, "clip_frac_low")
+                                    + _run_mean(r, "clip_frac_high") for r in runs]))]
+
+
 def write_csv(experiment: Experiment, groups: dict, path: Path) -> None:
     keys = sorted({k for runs in groups.values() for r in runs for row in r["eval"] for k in row
                    if k != "iteration"})
@@ -246,6 +287,10 @@ def sweep_panels(experiment: Experiment, groups: dict, last: int) -> dict:
     return panels
 
 
+def _is_sweep(experiment: Experiment) -> bool:
+    return any("clip_range" in v.overrides for v in experiment.variants)
+
+
 def write_report(experiment: Experiment, results: list[dict], folder: Path, note: str) -> Path:
     from ..plots import plot_bands, plot_xy
 
@@ -257,6 +302,8 @@ def write_report(experiment: Experiment, results: list[dict], folder: Path, note
              "before training; fidelity and structure are the evaluator's; clipped is the "
              "share of ratios outside the clip range, mean over iterations (the level the run "
              "trains at: positions or samples).", "", *summary(experiment, groups, last), "",
+             *(["## The clip range at a glance", "", *sweep_tables(experiment, groups, last)]
+               if _is_sweep(experiment) else []),
              f"## At equal iterations ({last})", "", *equal_iterations(experiment, groups, last),
              "", "Over time:", "", *target_over_time(experiment, groups, last), "",
              "## At equal gain", "",
@@ -272,7 +319,7 @@ def write_report(experiment: Experiment, results: list[dict], folder: Path, note
     plot_bands(panels, folder / "curves.png")
     plot_xy(tradeoff(experiment, panels), folder / "tradeoff.png",
             f"mean {SHORT[experiment.target]}")
-    if any("clip_range" in v.overrides for v in experiment.variants):
+    if _is_sweep(experiment):
         plot_xy(sweep_panels(experiment, groups, last), folder / "sweep.png",
                 "log10 clip range")
     grids(groups, folder / "grids.png")

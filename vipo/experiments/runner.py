@@ -19,31 +19,66 @@ TRAIN_KEYS = ("reward_mean", "clip_frac_low", "clip_frac_high", "approx_kl", "ma
               "grad_norm")
 
 
-def run_name(variant: Variant, seed: int) -> str:
-    """The arm, then each override that changes the arm's value (iterations aside)."""
-    from ..config import Config
-
-    base = Config.from_name("toy")
-    base.update(ARMS[variant.arm])
+def run_name(experiment: Experiment, variant: Variant, seed: int) -> str:
+    """The arm, then each override that changes the arm's value in this experiment
+    (iterations aside). Names are relative to the experiment's settings, not the preset's,
+    so that a change of the preset does not rename (or silently alias) saved runs."""
+    base = _resolved(experiment_config(experiment, Variant(variant.arm, variant.arm), False))
     parts = [variant.arm]
     for key, value in sorted(variant.overrides.items()):
-        probe = Config.from_name("toy")
-        probe.update({**ARMS[variant.arm], key: value})
-        if key != "iterations" and probe.to_yaml() != base.to_yaml():
+        probe = _resolved({**experiment_config(experiment, Variant(variant.arm, variant.arm),
+                                               False), key: value})
+        if key != "iterations" and probe != base:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     return "_".join(parts) + f"-seed{seed}"
+
+
+def _resolved(overrides: dict) -> dict:
+    """The full config these overrides give on the toy preset, flattened, iterations
+    aside (a longer run is reused up to fewer iterations)."""
+    from ..config import Config
+
+    cfg = Config.from_name("toy")
+    cfg.update(overrides)
+    flat = {f"{section}.{key}": value for section, fields in cfg.to_dict().items()
+            if isinstance(fields, dict) for key, value in fields.items()}
+    flat.pop("train.iterations")
+    return flat
+
+
+# Set per run by run_one itself, or not about training.
+_PER_RUN = {"train.seed", "run.output_dir", "run.run_name", "run.checkpoint_every",
+            "run.progress"}
+
+
+def check_same_settings(folder: Path, overrides: dict) -> None:
+    """Raises if the saved run in ``folder`` trained with other settings than these: a run
+    is reused only for exactly its own config, never for one that merely shares its name."""
+    from ..config import Config
+    from ..errors import ConfigError
+
+    saved = Config.from_yaml(folder / "config.yaml")
+    flat = {f"{section}.{key}": value for section, fields in saved.to_dict().items()
+            if isinstance(fields, dict) for key, value in fields.items()}
+    wanted = _resolved(overrides)
+    differ = [f"{k} {flat.get(k)!r} (wanted {v!r})" for k, v in wanted.items()
+              if k not in _PER_RUN and flat.get(k) != v]
+    if differ:
+        raise ConfigError(f"{folder}: this saved run trained with other settings: "
+                          f"{'; '.join(differ)}. Delete the folder or use another --out.")
 
 
 def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quick: bool,
             extra: dict) -> dict:
     """The run's result (trained now, or the saved one), read up to its iterations."""
     overrides = {**experiment_config(experiment, variant, quick), **extra}
-    folder = out / "runs" / experiment.folder / run_name(variant, seed)
+    folder = out / "runs" / experiment.folder / run_name(experiment, variant, seed)
     wanted = _iterations(overrides)
     done = folder / "result.json"
     if done.is_file():
         saved = json.loads(done.read_text())
         if saved["iterations"] >= wanted:
+            check_same_settings(folder, overrides)
             return truncate(saved, wanted, variant, folder)
     from ..config import Config
     from ..distributed import reset_accelerate_state
