@@ -130,6 +130,11 @@ def test_every_experiment_quick_mode_writes_its_report(tmp_path):
     glance = (tmp_path / "clip" / "results.md").read_text()
     assert "## The clip range at a glance" in glance
     assert "| arm (level) | 0.2 | none |" in glance and "| uniform_position (position) |" in glance
+    from vipo.experiments import overview
+    assert overview.main(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "overview.md").read_text()
+    assert "| background | inverted |" in table and "| redness | vipo |" in table
+    assert (tmp_path / "overview.png").stat().st_size > 1000
     # Every map source ran in the object experiment, and the clip sweep's clip=0.2 variant
     # is the object experiment's run (the preset's clip range), not a new one.
     runs = tmp_path / "runs" / "object"
