@@ -1,5 +1,5 @@
 """Benchmark setup: records the device, library versions and git SHA on every run
-(STYLE.md 9). Kernel backends are timed on the device they target; on a CPU-only
+so that a figure can be traced to what produced it. Kernel backends are timed on the device they target; on a CPU-only
 machine the Triton interpreter is not timed (it measures Python, not the kernel)."""
 
 import os

@@ -6,7 +6,8 @@ import os
 os.environ.setdefault("VIPO_POISON", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("VIPO_TEST_CUDA") != "1":
-    # Decided without importing torch.cuda at collection (STYLE.md 8): gpu_check.sh sets
+    # Decided without importing torch.cuda at collection (cheap, and no CUDA context in
+    # workers that never use it): gpu_check.sh sets
     # VIPO_TEST_CUDA=1 on a CUDA machine so Triton compiles for the device instead.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -77,7 +77,7 @@ def test_prompt_round_trip_and_errors():
 
 def test_tokenizer_fits_every_prompt_with_eos_not_2():
     tok = models.tokenizer()
-    assert tok.eos_token_id != 2  # transformers' legacy argmax path otherwise (TOY_NOTES)
+    assert tok.eos_token_id != 2  # else the legacy argmax path (docs/toy_world.md)
     longest = max((world.prompt(s) for s in world.all_specs()), key=len)
     ids = tok(longest)["input_ids"]
     assert len(ids) <= models.TEXT_LENGTH and tok.unk_token_id not in ids

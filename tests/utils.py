@@ -1,4 +1,5 @@
-"""Shared test helpers: the tolerance table (STYLE.md 8), the comparison criterion and a
+"""Shared test helpers: the tolerance table (one bound per dtype,
+from what its arithmetic guarantees), the comparison criterion and a
 builder of loss inputs that exercises every branch of the clipped surrogate."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ its ratio, its clip decision and its gradient come out of one read of memory.
 
 All arithmetic is fp32 (inputs are converted on load, which is also what lets bf16
 run under the Triton interpreter). Offsets are int64. Per-run hyperparameters are
-constexpr (STYLE.md section 6); the 1/(B|P|) scale changes with the shape, so it is
-a runtime fp32 argument.
+constexpr (a recompile per new value, and the values are fixed for a run); the 1/(B|P|)
+scale changes with the shape, so it is a runtime fp32 argument.
 """
 
 from __future__ import annotations
