@@ -25,7 +25,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 IMAGE_SIZE = 32
 TEXT_LENGTH = 16          # CLIP tokens per prompt (the longest prompt has 14 with bos/eos)
 MASK_GRID = 8             # the evaluator's object mask is predicted on an 8 x 8 grid
-SPECIALS = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # eos id 3, not 2 (docs/toy_world.md)
+# eos id 3, not 2 (docs/toy_world.md, "Facts from the feasibility run")
+SPECIALS = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
 
 
 def asset(name: str) -> Path:
