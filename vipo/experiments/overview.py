@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from .report import SHORT, at_iteration, cell
+from .report import SHORT, at_gain, at_iteration, cell
 from .specs import EXPERIMENTS
 
 REGION_EXPERIMENTS = ("object", "background", "redness")
@@ -53,6 +54,30 @@ def gains_table(all_runs: dict) -> list[str]:
                      for key in (OBJECT, BACKGROUND)}
             lines.append(f"| {experiment} | {arm} | {cell(gains[OBJECT])} | "
                          f"{cell(gains[BACKGROUND])} | {last} |")
+    return lines
+
+
+def headline_table(all_runs: dict) -> list[str]:
+    """One row per arm: in each experiment, the iterations its runs took to the headline
+    gain of the reward and the structure IoU there (seeds that never got there in brackets)."""
+    heads = []
+    for name in all_runs:
+        spec = EXPERIMENTS[name]
+        heads += [f"{name}: iterations to {SHORT[spec.target]} +{spec.headline_gain:g}",
+                  "structure IoU there"]
+    lines = ["| arm | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    arms = list(dict.fromkeys(arm for runs in all_runs.values() for arm in runs))
+    for arm in arms:
+        cells = []
+        for name, runs in all_runs.items():
+            spec, group = EXPERIMENTS[name], runs.get(arm, [])
+            its = [at_gain(r, "iteration", spec.target, spec.headline_gain) for r in group]
+            hit = [r for r, i in zip(group, its) if math.isfinite(i)]
+            text = cell([i for i in its if math.isfinite(i)], 0) if hit else "never"
+            cells += [text if len(hit) == len(group) else f"{text} ({len(hit)}/{len(group)})",
+                      cell([at_gain(r, "eval_structure_iou", spec.target, spec.headline_gain)
+                            for r in hit], 2)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -97,7 +122,11 @@ def main(argv=None) -> int:
              "Gain over the value before training, after the last iteration, mean ± std over "
              f"{args.seeds} seeds, on the held-out evaluation prompts. The picture "
              "(overview.png) follows each arm from the start (every 10 iterations).", "",
-             *gains_table(all_runs), ""]
+             *gains_table(all_runs), "",
+             "Speed and structure: the iterations each arm took to its experiment's headline "
+             "gain of the reward, and the evaluator's structure IoU there (linear "
+             "interpolation between evaluations; mean ± std over the seeds that got there).",
+             "", *headline_table(all_runs), ""]
     (args.out / "overview.md").write_text("\n".join(lines))
     plot_xy(paths(all_runs), args.out / "overview.png", SHORT[OBJECT])
     print("\n".join(lines))
