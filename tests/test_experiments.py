@@ -146,6 +146,11 @@ def test_every_experiment_quick_mode_writes_its_report(tmp_path):
         [f"{arm}-seed0" for arm in ("grpo", "vipo", "vipo_sample", "uniform_position",
                                     "oracle", "inverted", "random_backbone")]
         + ["uniform_position_clip_range=100-seed0"])
+    # --report-only trains nothing: a missing run is a one-line error naming its folder.
+    assert compare.main(["object", "--quick", "--out", str(tmp_path / "empty"),
+                         "--report-only"]) == 2
+    assert not (tmp_path / "empty" / "runs").exists() or not any(
+        (tmp_path / "empty" / "runs").rglob("result.json"))
     # A finished run is skipped: a second call trains nothing.
     stamp = (runs / "oracle-seed0" / "result.json").stat().st_mtime_ns
     assert compare.main(["object", "--quick", "--out", str(tmp_path)]) == 0
@@ -201,7 +206,7 @@ def test_run_names_do_not_follow_the_preset(monkeypatch):
              run_name(clip, at["vipo clip=0.2"], 0), run_name(clip, at["vipo clip=1"], 0)]
     assert names == ["vipo-seed0", "vipo-seed0", "vipo_clip_range=1-seed0"]
     toy = {**config.PRESETS["toy"], "train": {**config.PRESETS["toy"]["train"],
-                                              "clip_range": 1.0}}
+                                              "clip_range": 0.5}}
     monkeypatch.setitem(config.PRESETS, "toy", toy)
     assert [run_name(EXPERIMENTS["object"], Variant("vipo", "vipo"), 0),
             run_name(clip, at["vipo clip=0.2"], 0), run_name(clip, at["vipo clip=1"], 0)] == names

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
                         help="seeds per variant (default 3; 1 with --quick)")
     parser.add_argument("--variants", default="",
                         help="comma-separated subset of the experiment's variant labels")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the saved runs; train nothing (a missing "
+                             "run is an error)")
     parser.add_argument("--verbose", action="store_true",
                         help="keep the libraries' own console output (loading bars, warnings)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run "
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     jobs = [(v, s) for s in range(seeds) for v in variants]
     try:
         for variant, seed in tqdm(jobs, desc=experiment.name, unit="run"):
-            results.append(run_one(experiment, variant, seed, out, args.quick, overrides))
+            results.append(run_one(experiment, variant, seed, out, args.quick, overrides,
+                                   train=not args.report_only))
     except ConfigError as err:  # e.g. a saved run with other settings: one line, exit 2
         print(f"compare: config error: {err}", file=sys.stderr)
         return 2

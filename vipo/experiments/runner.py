@@ -69,8 +69,9 @@ def check_same_settings(folder: Path, overrides: dict) -> None:
 
 
 def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quick: bool,
-            extra: dict) -> dict:
-    """The run's result (trained now, or the saved one), read up to its iterations."""
+            extra: dict, train: bool = True) -> dict:
+    """The run's result (trained now, or the saved one), read up to its iterations. With
+    ``train=False`` a run that is not saved is an error naming its folder."""
     overrides = {**experiment_config(experiment, variant, quick), **extra}
     folder = out / "runs" / experiment.folder / run_name(experiment, variant, seed)
     wanted = _iterations(overrides)
@@ -80,6 +81,10 @@ def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quic
         if saved["iterations"] >= wanted:
             check_same_settings(folder, overrides)
             return truncate(saved, wanted, variant, folder)
+    if not train:
+        from ..errors import ConfigError
+        raise ConfigError(f"{folder}: no saved run of {wanted} iterations (--report-only "
+                          "trains nothing; run without it to train the missing runs)")
     from ..config import Config
     from ..distributed import reset_accelerate_state
     from ..run_loop import RunLoop
