@@ -322,5 +322,17 @@ def write_report(experiment: Experiment, results: list[dict], folder: Path, note
     if _is_sweep(experiment):
         plot_xy(sweep_panels(experiment, groups, last), folder / "sweep.png",
                 "log10 clip range")
-    grids(groups, folder / "grids.png")
+    grids(_grid_groups(experiment, groups), folder / "grids.png")
     return path
+
+
+def _grid_groups(experiment: Experiment, groups: dict) -> dict:
+    """The variants drawn in grids.png: all of them, but for a sweep only `vipo` at every
+    clip range and GRPO at the preset's, so that the picture stays small enough to read
+    (and to ship)."""
+    if not _is_sweep(experiment):
+        return groups
+    keep = {label: runs for label, runs in groups.items() if runs[0]["arm"] == "vipo"}
+    keep.update({label: runs for label, runs in groups.items() if runs[0]["arm"] == "grpo"
+                 and runs[0]["variant_overrides"].get("clip_range") == 0.2})
+    return keep or groups
