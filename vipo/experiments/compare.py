@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="keep the libraries' own console output (loading bars, warnings)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run "
-                        "(they change the run folders' contents, not their names: use a new "
-                        "--out)")
+                        "(run folder names do not show them, and a saved run is reused only "
+                        "for its own settings: give overrides a new --out)")
     args = parser.parse_intermixed_args(argv)  # options may sit between positionals
     from tqdm.auto import tqdm
 
