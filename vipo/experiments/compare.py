@@ -50,10 +50,10 @@ def _machine() -> str:
 
 
 def _note(experiment, results: list, seeds: int, quick: bool, overrides: dict) -> str:
-    from ..config import Config
+    from .runner import toy_config
 
-    cfg = Config.from_name("toy")
-    cfg.update({**experiment_config(experiment, experiment.variants[0], quick), **overrides})
+    cfg = toy_config({**experiment_config(experiment, experiment.variants[0], quick),
+                      **overrides})
     when = f"every {cfg.eval.eval_every} iterations" if cfg.eval.eval_every > 0 else \
         "before and after training"
     kind = "A --quick smoke run (not a result)" if quick else "Toy world"

@@ -9,12 +9,10 @@ one panel per experiment): does the change follow the reward, or the map?
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
-from .report import SHORT, at_gain, at_iteration, cell
+from .report import SHORT, at_gain, at_iteration, cell, iterations_cell, mean_std, reached
 from .specs import EXPERIMENTS
 
 REGION_EXPERIMENTS = ("object", "background", "redness")
@@ -22,25 +20,16 @@ OBJECT, BACKGROUND = "eval_object_redness", "eval_background_redness"
 
 
 def saved_runs(out: Path, experiment: str, seeds: int, quick: bool = False) -> dict:
-    """{arm: [result, ...]} of an experiment's saved runs; a missing run is an error naming
-    it (this command reads, it does not train)."""
-    from ..errors import ConfigError
-    from .runner import run_name
+    """{arm: [result, ...]} of an experiment's saved runs, read as ``compare --report-only``
+    reads them (a missing run, or one saved with other settings, is an error naming it)."""
+    from .runner import run_one
 
     spec = EXPERIMENTS[experiment]
-    runs, missing = {}, []
+    runs: dict = {}
     for variant in spec.quick_variants if quick else spec.variants:
         for seed in range(seeds):
-            path = out / "runs" / spec.folder / run_name(spec, variant, seed) / "result.json"
-            if path.is_file():
-                runs.setdefault(variant.label, []).append(json.loads(path.read_text()))
-            else:
-                missing.append(str(path.parent))
-    if missing:
-        quick_flag = " --quick" if quick else ""
-        raise ConfigError(f"{len(missing)} saved run(s) missing, e.g. {missing[0]}; run "
-                          f"`python -m vipo.experiments.compare {experiment}{quick_flag} "
-                          f"--out {out}`")
+            runs.setdefault(variant.label, []).append(
+                run_one(spec, variant, seed, out, quick, {}, train=False))
     return runs
 
 
@@ -71,12 +60,10 @@ def headline_table(all_runs: dict) -> list[str]:
         cells = []
         for name, runs in all_runs.items():
             spec, group = EXPERIMENTS[name], runs.get(arm, [])
-            its = [at_gain(r, "iteration", spec.target, spec.headline_gain) for r in group]
-            hit = [r for r, i in zip(group, its) if math.isfinite(i)]
-            text = cell([i for i in its if math.isfinite(i)], 0) if hit else "never"
-            cells += [text if len(hit) == len(group) else f"{text} ({len(hit)}/{len(group)})",
-                      cell([at_gain(r, "eval_structure_iou", spec.target, spec.headline_gain)
-                            for r in hit], 2)]
+            target, gain = spec.target, spec.headline_gain
+            cells += [iterations_cell(group, target, gain, none="never"),
+                      cell([at_gain(r, "eval_structure_iou", target, gain)
+                            for r in reached(group, target, gain)], 2)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -84,8 +71,6 @@ def headline_table(all_runs: dict) -> list[str]:
 def paths(all_runs: dict) -> dict:
     """{panel title: {arm: (object redness means, background redness means)}}, one point
     per evaluation."""
-    from .report import mean_std
-
     panels = {}
     for experiment, runs in all_runs.items():
         title = f"reward: {SHORT[EXPERIMENTS[experiment].target]}; x {SHORT[OBJECT]}, " \

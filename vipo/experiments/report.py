@@ -56,6 +56,19 @@ def at_gain(run: dict, key: str, target: str, gain: float) -> float:
     return at_level(run, key, target, run["eval"][0][target] + gain)
 
 
+def reached(runs: list, target: str, gain: float) -> list:
+    """The runs whose ``target`` got to its value before training plus ``gain``."""
+    return [r for r in runs if math.isfinite(at_gain(r, "iteration", target, gain))]
+
+
+def iterations_cell(runs: list, target: str, gain: float, none: str = "–") -> str:
+    """Iterations to the gain, mean ± std over the runs that got there; "(k/n)" where not
+    all did, ``none`` where none did."""
+    hit = reached(runs, target, gain)
+    text = cell([at_gain(r, "iteration", target, gain) for r in hit], 0) if hit else none
+    return text if len(hit) == len(runs) else f"{text} ({len(hit)}/{len(runs)})"
+
+
 def by_label(results: list[dict]) -> dict:
     out: dict = {}
     for r in results:
@@ -109,13 +122,11 @@ def summary(experiment: Experiment, groups: dict, last: int) -> list[str]:
         [f"{SHORT[k]} at +{gain:g}" for k in keys] + ["clipped"]
     lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for label, runs in groups.items():
-        reached = [r for r in runs if math.isfinite(at_gain(r, "iteration", target, gain))]
-        its = cell([at_gain(r, "iteration", target, gain) for r in reached], 0)
+        hit = reached(runs, target, gain)
         cells = [cell([at_iteration(r, target, i) for r in runs]) for i in (early, last)]
-        cells.append(its if len(reached) == len(runs) else f"{its} ({len(reached)}/{len(runs)})")
-        cells += [cell([at_gain(r, k, target, gain) for r in reached]) for k in keys]
-        clipped = [_run_mean(r, "clip_frac_low") + _run_mean(r, "clip_frac_high") for r in runs]
-        cells.append(_g(clipped))
+        cells.append(iterations_cell(runs, target, gain))
+        cells += [cell([at_gain(r, k, target, gain) for r in hit]) for k in keys]
+        cells.append(_g([_clipped(r) for r in runs]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -152,6 +163,11 @@ def training_stats(groups: dict) -> list[str]:
     return lines
 
 
+def _clipped(run: dict) -> float:
+    """The share of ratios outside the clip range, below or above, mean over iterations."""
+    return _run_mean(run, "clip_frac_low") + _run_mean(run, "clip_frac_high")
+
+
 def _run_mean(run: dict, key: str) -> float:
     return mean_std([row.get(key, math.nan) for row in run["history"]])[0]
 
@@ -182,24 +198,16 @@ def sweep_tables(experiment: Experiment, groups: dict, last: int) -> list[str]:
                 fill(row[c]) if c in row else "" for c in clips) + " |")
         return out + [""]
 
-    def reached(runs):
-        return [r for r in runs if math.isfinite(at_gain(r, "iteration", target, gain))]
-
-    def iterations(runs):
-        hit = reached(runs)
-        text = cell([at_gain(r, "iteration", target, gain) for r in hit], 0)
-        return text if len(hit) == len(runs) else f"{text} ({len(hit)}/{len(runs)})"
-
     return [*pivot(f"Iterations to {SHORT[target]} +{gain:g} (of {last}; seeds reaching it "
-                   "in brackets where not all did):", iterations),
+                   "in brackets where not all did):",
+                   lambda runs: iterations_cell(runs, target, gain)),
             *pivot(f"Structure IoU at {SHORT[target]} +{gain:g}:",
                    lambda runs: cell([at_gain(r, "eval_structure_iou", target, gain)
-                                      for r in reached(runs)])),
+                                      for r in reached(runs, target, gain)])),
             *pivot(f"{SHORT[target].capitalize()} at iteration {last}:",
                    lambda runs: cell([at_iteration(r, target, last) for r in runs])),
             *pivot("Share of ratios clipped, mean over iterations:",
-                   lambda runs: _g([_run_mean(r, "clip_frac_low")
-                                    + _run_mean(r, "clip_frac_high") for r in runs]))]
+                   lambda runs: _g([_clipped(r) for r in runs]))]
 
 
 def write_csv(experiment: Experiment, groups: dict, path: Path) -> None:

@@ -23,25 +23,34 @@ def run_name(experiment: Experiment, variant: Variant, seed: int) -> str:
     """The arm, then each override that changes the arm's value in this experiment
     (iterations aside). Names are relative to the experiment's settings, not the preset's,
     so that a change of the preset does not rename (or silently alias) saved runs."""
-    base = _resolved(experiment_config(experiment, Variant(variant.arm, variant.arm), False))
+    arm = experiment_config(experiment, Variant(variant.arm, variant.arm), False)
+    base = _resolved(arm)
     parts = [variant.arm]
     for key, value in sorted(variant.overrides.items()):
-        probe = _resolved({**experiment_config(experiment, Variant(variant.arm, variant.arm),
-                                               False), key: value})
-        if key != "iterations" and probe != base:
+        if key != "iterations" and _resolved({**arm, key: value}) != base:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     return "_".join(parts) + f"-seed{seed}"
+
+
+def toy_config(overrides: dict):
+    """The `toy` preset with these overrides."""
+    from ..config import Config
+
+    cfg = Config.from_name("toy")
+    cfg.update(overrides)
+    return cfg
+
+
+def _flat(cfg) -> dict:
+    """{"section.field": value} of a config."""
+    return {f"{section}.{key}": value for section, fields in cfg.to_dict().items()
+            if isinstance(fields, dict) for key, value in fields.items()}
 
 
 def _resolved(overrides: dict) -> dict:
     """The full config these overrides give on the toy preset, flattened, iterations
     aside (a longer run is reused up to fewer iterations)."""
-    from ..config import Config
-
-    cfg = Config.from_name("toy")
-    cfg.update(overrides)
-    flat = {f"{section}.{key}": value for section, fields in cfg.to_dict().items()
-            if isinstance(fields, dict) for key, value in fields.items()}
+    flat = _flat(toy_config(overrides))
     flat.pop("train.iterations")
     return flat
 
@@ -57,11 +66,8 @@ def check_same_settings(folder: Path, overrides: dict) -> None:
     from ..config import Config
     from ..errors import ConfigError
 
-    saved = Config.from_yaml(folder / "config.yaml")
-    flat = {f"{section}.{key}": value for section, fields in saved.to_dict().items()
-            if isinstance(fields, dict) for key, value in fields.items()}
-    wanted = _resolved(overrides)
-    differ = [f"{k} {flat.get(k)!r} (wanted {v!r})" for k, v in wanted.items()
+    flat = _flat(Config.from_yaml(folder / "config.yaml"))
+    differ = [f"{k} {flat.get(k)!r} (wanted {v!r})" for k, v in _resolved(overrides).items()
               if k not in _PER_RUN and flat.get(k) != v]
     if differ:
         raise ConfigError(f"{folder}: this saved run trained with other settings: "
@@ -74,7 +80,7 @@ def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quic
     ``train=False`` a run that is not saved is an error naming its folder."""
     overrides = {**experiment_config(experiment, variant, quick), **extra}
     folder = out / "runs" / experiment.folder / run_name(experiment, variant, seed)
-    wanted = _iterations(overrides)
+    wanted = toy_config(overrides).train.iterations
     done = folder / "result.json"
     if done.is_file():
         saved = json.loads(done.read_text())
@@ -83,21 +89,20 @@ def run_one(experiment: Experiment, variant: Variant, seed: int, out: Path, quic
             return truncate(saved, wanted, variant, folder)
     if not train:
         from ..errors import ConfigError
-        raise ConfigError(f"{folder}: no saved run of {wanted} iterations (--report-only "
-                          "trains nothing; run without it to train the missing runs)")
-    from ..config import Config
+        raise ConfigError(f"{folder}: no saved run of {wanted} iterations (nothing is trained "
+                          f"here; `python -m vipo.experiments.compare {experiment.name} "
+                          f"--out {out}` trains the missing runs)")
     from ..distributed import reset_accelerate_state
     from ..run_loop import RunLoop
 
     shutil.rmtree(folder, ignore_errors=True)   # an interrupted run restarts from scratch
     reset_accelerate_state()                    # each RunLoop builds its own Accelerator
-    cfg = Config.from_name("toy")
-    cfg.update({**overrides, "seed": seed, "output_dir": str(folder.parent),
-                "run_name": folder.name, "checkpoint_every": -1, "progress": False})
+    cfg = toy_config({**overrides, "seed": seed, "output_dir": str(folder.parent),
+                      "run_name": folder.name, "checkpoint_every": -1, "progress": False})
     result = RunLoop(cfg.validate()).run()
     saved = {"arm": variant.arm, "seed": seed, "iterations": cfg.train.iterations,
              "commit": commit(),
-             "overrides": {k: v for k, v in overrides.items()},
+             "overrides": dict(overrides),
              "seconds": result["seconds"], "eval": result["eval"],
              "history": [{k: row.get(k, math.nan) for k in TRAIN_KEYS}
                          for row in result["history"]]}
@@ -115,14 +120,6 @@ def commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _iterations(overrides: dict) -> int:
-    from ..config import Config
-
-    cfg = Config.from_name("toy")
-    cfg.update(overrides)
-    return cfg.train.iterations
 
 
 def truncate(saved: dict, iterations: int, variant: Variant, folder: Path) -> dict:
