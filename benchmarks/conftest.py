@@ -1,6 +1,7 @@
-"""Benchmark setup: records the device, library versions and git SHA on every run
-so that a figure can be traced to what produced it. Kernel backends are timed on the device they target; on a CPU-only
-machine the Triton interpreter is not timed (it measures Python, not the kernel)."""
+"""Benchmark setup: records the device, library versions and git SHA on every run so that
+a figure can be traced to what produced it. Kernel backends are timed on the device they
+target; on a CPU-only machine the Triton interpreter is not timed (it measures Python, not
+the kernel)."""
 
 import os
 import subprocess

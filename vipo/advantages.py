@@ -1,4 +1,5 @@
-"""Group advantages (docs/method.md 5). (map_norm, docs/method.md 6, is ``vipo.psm.maps.normalize_maps``.)
+"""Group advantages (docs/method.md 5). (map_norm, docs/method.md 6, is
+``vipo.psm.maps.normalize_maps``.)
 
 A_i = (r_i - mean_g) / (std_g + eps_std), std unbiased (divisor G - 1). A group whose
 rewards are all equal gets A = 0 and is counted; a non-finite reward raises naming the

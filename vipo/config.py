@@ -194,7 +194,8 @@ class TrainConfig:
                            bounds="(0, inf)")
     adv_clip: float = _f(5.0, "advantages are clipped to [-adv_clip, adv_clip]", bounds="(0, inf)")
     kl_coef: float = _f(0.0, "weight of the exact Gaussian KL to the initial model "
-                        "(docs/method.md 4); a Flow-GRPO kl_coef corresponds to kl_coef * |delta| / C here",
+                        "(docs/method.md 4); a Flow-GRPO kl_coef corresponds to "
+                        "kl_coef * |delta| / C here",
                         bounds="[0, inf)")
     timestep_fraction: float = _f(0.6, "share of the T_s - 1 trainable steps trained per sample",
                                   bounds="(0, 1]")
@@ -602,8 +603,8 @@ PRESETS: dict[str, dict] = {
     # each measured on 2 CPU cores: eta 0.7 (paper 0.3) so that a group's 8-step samples
     # differ (the preset's sampler still scores 100% fidelity on held-out prompts, see the
     # generator card); clip_range 1 (paper 1e-4), chosen from the `clip` sweep
-    # (docs/toy_world.md): at the position level 1e-4 to 1e-2 learned nothing in 60
-    # iterations, 0.2 was 3-4x slower than no clip, and 1 was as fast as no clip within seeds,
+    # (docs/toy_world.md): at the position level 1e-4 to 0.02 learned nothing in 60
+    # iterations, 0.2 was 3-5x slower than no clip, and 1 was as fast as no clip within seeds,
     # kept 0.2's structure at equal gain and still clipped the 0.2% most-moved positions;
     # lr 1e-4 on the 2.3M-parameter transformer, so that redness moves within tens of
     # iterations.

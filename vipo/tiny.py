@@ -1,9 +1,10 @@
 """The embedded tiny world: random-weight diffusers/transformers components built in code.
 
 Every builder creates real library classes from small configs (sizes from
-docs/environment.md, adjusted where noted) and writes them with ``save_pretrained``, so the trainer and the tests load
-them back through the same ``from_pretrained`` path a hub checkpoint takes. Nothing is
-downloaded; tokenizers are built from an in-code character vocabulary.
+docs/environment.md, adjusted where noted) and writes them with ``save_pretrained``, so
+the trainer and the tests load them back through the same ``from_pretrained`` path a hub
+checkpoint takes. Nothing is downloaded; tokenizers are built from an in-code character
+vocabulary.
 
 Weights are random: the tiny default shows the RL machinery working (a rule reward going
 up), not image quality. A later issue gives it pretrained weights.
@@ -80,7 +81,8 @@ def _t5_config(tokenizer, d_model):
 
 def _image_vae(latent_channels: int, *, shift: float | None):
     """AutoencoderKL with 3 down blocks (8x) and narrow channels: docs/environment.md's
-    (32,32,64,64) costs seconds per decode on 2 cores; (8,16,16,16) keeps the 8x factor of the real VAEs."""
+    (32,32,64,64) costs seconds per decode on 2 cores; (8,16,16,16) keeps the 8x factor of
+    the real VAEs."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,

@@ -89,7 +89,8 @@ def autoencoder():
 
 def transformer(seed: int = 0):
     """SD3 architecture at the size the feasibility run measured (docs/toy_world.md; width
-    128, 4 layers): 8 x 8 tokens of 2 x 2 latent patches; the text stream is the two CLIP encoders' 64 + 64 widths."""
+    128, 4 layers): 8 x 8 tokens of 2 x 2 latent patches; the text stream is the two CLIP
+    encoders' 64 + 64 widths."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
